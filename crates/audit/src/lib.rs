@@ -1,0 +1,2 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Hash-chained, append-only audit log: writer with group commit, reader, verifier.

@@ -1,0 +1,2 @@
+// SPDX-License-Identifier: Apache-2.0
+//! SQLite control store: migrations, repositories, revision journal, lock and follower gating.

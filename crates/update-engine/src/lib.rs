@@ -1,0 +1,2 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Client for Flatcar update_engine (com.coreos.update1) over D-Bus.
