@@ -1,0 +1,111 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The files that make up one chain: `audit.jsonl.N` … `audit.jsonl.1`, `audit.jsonl`,
+//! and the checkpoint file `audit.jsonl.state`.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::record::Record;
+
+/// One point in the chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Sequence number of the record.
+    pub seq: u64,
+    /// Its hash.
+    pub hash: String,
+}
+
+/// What the writer last promised about the chain's ends.
+///
+/// `anchor` is the last record of the newest file deleted by rotation (the oldest kept file
+/// links to it); `head` is the last record written when the checkpoint was taken (at
+/// rotation, shutdown and at most every few seconds while busy). A chain that ends before
+/// `head` was truncated.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainState {
+    /// Trusted predecessor of the oldest kept record.
+    #[serde(default)]
+    pub anchor: Option<Checkpoint>,
+    /// Last record known durable.
+    #[serde(default)]
+    pub head: Option<Checkpoint>,
+}
+
+/// `<log>.state`.
+pub fn state_path(log: &Path) -> PathBuf {
+    let mut s = log.as_os_str().to_owned();
+    s.push(".state");
+    PathBuf::from(s)
+}
+
+/// `<log>.<n>`.
+pub(crate) fn rotated_path(log: &Path, n: u32) -> PathBuf {
+    let mut s = log.as_os_str().to_owned();
+    s.push(format!(".{n}"));
+    PathBuf::from(s)
+}
+
+/// The existing files of the chain ending in `log`, oldest first.
+pub fn chain_files(log: &Path) -> Vec<PathBuf> {
+    let mut n = 1;
+    let mut rotated = Vec::new();
+    while rotated_path(log, n).exists() {
+        rotated.push(rotated_path(log, n));
+        n += 1;
+    }
+    rotated.reverse();
+    if log.exists() {
+        rotated.push(log.to_path_buf());
+    }
+    rotated
+}
+
+/// Reads the checkpoint file; a missing file is an empty state.
+pub fn read_chain_state(log: &Path) -> std::io::Result<ChainState> {
+    match std::fs::read(state_path(log)) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ChainState::default()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Replaces the checkpoint file atomically: temp file, fsync, rename, fsync dir.
+pub(crate) fn write_chain_state(log: &Path, state: &ChainState) -> std::io::Result<()> {
+    let dest = state_path(log);
+    let mut tmp = dest.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec(state).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &dest)?;
+    sync_dir(&dest)
+}
+
+/// fsyncs the directory holding `path`, so a rename or create in it is durable.
+pub(crate) fn sync_dir(path: &Path) -> std::io::Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    File::open(dir)?.sync_all()
+}
+
+/// Reads every record of the given files in order, without verifying the chain.
+/// Lines that do not parse are returned as errors with their file and line number.
+pub fn read_records(files: &[PathBuf]) -> impl Iterator<Item = Result<Record, String>> + '_ {
+    files.iter().flat_map(|f| {
+        let lines: Box<dyn Iterator<Item = Result<Record, String>>> = match File::open(f) {
+            Ok(file) => Box::new(BufReader::new(file).lines().enumerate().map(move |(i, l)| {
+                let l = l.map_err(|e| format!("{}:{}: {e}", f.display(), i + 1))?;
+                serde_json::from_str::<Record>(&l).map_err(|e| format!("{}:{}: {e}", f.display(), i + 1))
+            })),
+            Err(e) => Box::new(std::iter::once(Err(format!("{}: {e}", f.display())))),
+        };
+        lines
+    })
+}

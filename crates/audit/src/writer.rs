@@ -1,0 +1,351 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The writer: one thread owns the file. Callers queue entries and wait; the thread takes
+//! everything queued, seals it into the chain, writes it in one `write`, `fdatasync`s once
+//! and only then wakes the callers (group commit). A failed batch is cut off again with
+//! `ftruncate`, so the file never holds a record a caller was told failed.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+
+use crate::error::AuditError;
+use crate::files::{ChainState, Checkpoint, chain_files, read_chain_state, rotated_path, sync_dir, write_chain_state};
+use crate::record::{Entry, GENESIS, Kind, Record};
+
+/// How often, at most, the head checkpoint is rewritten while records keep coming.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
+/// Upper bound on records sealed in one group commit.
+const MAX_BATCH: usize = 1024;
+
+/// Where and how the log is kept.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// The live file, e.g. `/var/log/piccolo/audit.jsonl`.
+    pub path: PathBuf,
+    /// Rotate once the live file reaches this size.
+    pub max_bytes: u64,
+    /// Rotated files kept (`.1` … `.keep`); the oldest beyond that is deleted and becomes the anchor.
+    pub keep: u32,
+    /// Group owner of the files (mode 0640), e.g. `piccolo-audit`.
+    pub group: Option<u32>,
+}
+
+type Reply = oneshot::Sender<Result<u64, AuditError>>;
+
+/// Handle to the audit writer; cheap to share behind an `Arc`.
+pub struct AuditLog {
+    tx: Mutex<Option<mpsc::Sender<(Entry, Reply)>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    last_seq: Arc<AtomicU64>,
+}
+
+impl AuditLog {
+    /// Opens (or creates) the log for appending and continues its chain.
+    ///
+    /// Fails if the file cannot be opened for appending: the broker must not serve
+    /// without an audit log. A torn last line (a crash mid-write, never acknowledged) is
+    /// cut off and an `audit.torn_tail_removed` event records its size and digest.
+    pub fn open(cfg: AuditConfig) -> Result<AuditLog, AuditError> {
+        let (mut w, torn) = Writer::open(cfg)?;
+        let last_seq = Arc::new(AtomicU64::new(w.next_seq.saturating_sub(1)));
+        if let Some(torn) = torn {
+            let entry = Entry {
+                kind: Kind::Event,
+                rpc: "audit.torn_tail_removed".into(),
+                caller: None,
+                args: serde_json::json!({"bytes": torn.0, "sha256": torn.1}),
+                decision: None,
+                outcome: None,
+                duration_us: None,
+                intent_seq: None,
+            };
+            let (reply, _rx) = oneshot::channel();
+            w.commit(vec![(entry, reply)]);
+            if w.poisoned {
+                return Err(AuditError::Poisoned);
+            }
+        }
+        let (tx, rx) = mpsc::channel();
+        let seq = last_seq.clone();
+        let thread = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || w.run(rx, &seq))
+            .map_err(|e| AuditError::Open { path: PathBuf::from("audit-writer thread"), source: e })?;
+        Ok(AuditLog { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), last_seq })
+    }
+
+    /// Appends `entry` and returns its sequence number once it is durable.
+    pub async fn append(&self, entry: Entry) -> Result<u64, AuditError> {
+        let (reply, rx) = oneshot::channel();
+        {
+            let guard = self.tx.lock().map_err(|_| AuditError::Stopped)?;
+            let tx = guard.as_ref().ok_or(AuditError::Stopped)?;
+            tx.send((entry, reply)).map_err(|_| AuditError::Stopped)?;
+        }
+        rx.await.map_err(|_| AuditError::Stopped)?
+    }
+
+    /// Like [`AuditLog::append`], for code outside the async runtime.
+    pub fn append_blocking(&self, entry: Entry) -> Result<u64, AuditError> {
+        let (reply, rx) = oneshot::channel();
+        {
+            let guard = self.tx.lock().map_err(|_| AuditError::Stopped)?;
+            let tx = guard.as_ref().ok_or(AuditError::Stopped)?;
+            tx.send((entry, reply)).map_err(|_| AuditError::Stopped)?;
+        }
+        rx.blocking_recv().map_err(|_| AuditError::Stopped)?
+    }
+
+    /// Sequence number of the last durable record.
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq.load(Ordering::Relaxed)
+    }
+
+    /// Stops accepting entries, writes what is queued, checkpoints the head, joins the thread.
+    pub fn close(&self) {
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+struct Writer {
+    cfg: AuditConfig,
+    file: File,
+    size: u64,
+    next_seq: u64,
+    prev: String,
+    state: ChainState,
+    dirty: bool,
+    last_checkpoint: Instant,
+    poisoned: bool,
+}
+
+/// Size and SHA-256 of a torn tail that was removed.
+type Torn = (u64, String);
+
+impl Writer {
+    fn open(cfg: AuditConfig) -> Result<(Writer, Option<Torn>), AuditError> {
+        let path = cfg.path.clone();
+        let open_err = |source| AuditError::Open { path: path.clone(), source };
+        let mut file = open_append(&cfg).map_err(open_err)?;
+        let state = read_chain_state(&cfg.path).map_err(|e| AuditError::Recover {
+            path: cfg.path.clone(),
+            reason: format!("checkpoint file unreadable: {e}"),
+        })?;
+        let (tail, torn) = read_tail(&mut file).map_err(open_err)?;
+        let size = file.metadata().map_err(open_err)?.len();
+        let last = match tail {
+            Some(line) => Some(parse_last(&cfg.path, &line)?),
+            // An empty live file continues from the newest rotated file, else the checkpoint.
+            None => match chain_files(&cfg.path).iter().rev().find(|p| **p != cfg.path) {
+                Some(prev_file) => {
+                    let mut f = File::open(prev_file).map_err(open_err)?;
+                    match read_tail(&mut f).map_err(open_err)?.0 {
+                        Some(line) => Some(parse_last(prev_file, &line)?),
+                        None => None,
+                    }
+                }
+                None => state.head.as_ref().map(|h| (h.seq, h.hash.clone())),
+            },
+        };
+        let (next_seq, prev) = match last {
+            Some((seq, hash)) => (seq + 1, hash),
+            None => (0, GENESIS.to_string()),
+        };
+        let w = Writer { cfg, file, size, next_seq, prev, state, dirty: false, last_checkpoint: Instant::now(), poisoned: false };
+        Ok((w, torn))
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<(Entry, Reply)>, last_seq: &AtomicU64) {
+        loop {
+            let first = match rx.recv_timeout(CHECKPOINT_EVERY) {
+                Ok(m) => m,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.checkpoint_if_due(true);
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            self.commit(batch);
+            last_seq.store(self.next_seq.saturating_sub(1), Ordering::Relaxed);
+            self.checkpoint_if_due(false);
+        }
+        self.checkpoint_if_due(true);
+    }
+
+    fn commit(&mut self, batch: Vec<(Entry, Reply)>) {
+        if self.poisoned {
+            for (_, reply) in batch {
+                let _ = reply.send(Err(AuditError::Poisoned));
+            }
+            return;
+        }
+        let ts = now_rfc3339();
+        let mut buf = String::with_capacity(batch.len() * 512);
+        let mut seq = self.next_seq;
+        let mut prev = self.prev.clone();
+        let mut replies = Vec::with_capacity(batch.len());
+        for (entry, reply) in batch {
+            let (rec, line) = Record::seal(entry, seq, ts.clone(), prev);
+            buf.push_str(&line);
+            buf.push('\n');
+            prev = rec.hash;
+            replies.push((seq, reply));
+            seq += 1;
+        }
+        match self.file.write_all(buf.as_bytes()).and_then(|()| self.file.sync_data()) {
+            Ok(()) => {
+                self.size += buf.len() as u64;
+                self.next_seq = seq;
+                self.prev = prev;
+                self.dirty = true;
+                for (s, reply) in replies {
+                    let _ = reply.send(Ok(s));
+                }
+                if self.size >= self.cfg.max_bytes
+                    && let Err(e) = self.rotate()
+                {
+                    tracing::error!(error = %e, "audit rotation failed; continuing in the current file");
+                }
+            }
+            Err(e) => {
+                tracing::error!(path = %self.cfg.path.display(), error = %e, "audit append failed; rolling the batch back");
+                // Cut the partial batch off so the file never holds records reported as failed.
+                if self.file.set_len(self.size).and_then(|()| self.file.sync_all()).is_err() {
+                    self.poisoned = true;
+                }
+                for (_, reply) in replies {
+                    let source = std::io::Error::new(e.kind(), e.to_string());
+                    let _ = reply.send(Err(AuditError::Append { path: self.cfg.path.clone(), source }));
+                }
+            }
+        }
+    }
+
+    fn head(&self) -> Option<Checkpoint> {
+        self.next_seq.checked_sub(1).map(|seq| Checkpoint { seq, hash: self.prev.clone() })
+    }
+
+    fn checkpoint_if_due(&mut self, force: bool) {
+        if !self.dirty || (!force && self.last_checkpoint.elapsed() < CHECKPOINT_EVERY) {
+            return;
+        }
+        self.state.head = self.head();
+        match write_chain_state(&self.cfg.path, &self.state) {
+            Ok(()) => {
+                self.dirty = false;
+                self.last_checkpoint = Instant::now();
+            }
+            Err(e) => tracing::warn!(error = %e, "audit head checkpoint failed"),
+        }
+    }
+
+    /// live → `.1` → … → `.keep`; the file pushed past `.keep` is deleted after its last
+    /// record became the anchor, so the oldest kept file still verifies.
+    fn rotate(&mut self) -> Result<(), AuditError> {
+        let path = self.cfg.path.clone();
+        let rot = |source| AuditError::Rotate { path: path.clone(), source };
+        let keep = self.cfg.keep.max(1);
+        let oldest = rotated_path(&path, keep);
+        if oldest.exists() {
+            let mut f = File::open(&oldest).map_err(rot)?;
+            if let Some(line) = read_tail(&mut f).map_err(rot)?.0 {
+                let (seq, hash) = parse_last(&oldest, &line)?;
+                self.state.anchor = Some(Checkpoint { seq, hash });
+            }
+            self.state.head = self.head();
+            write_chain_state(&path, &self.state).map_err(rot)?;
+            std::fs::remove_file(&oldest).map_err(rot)?;
+        }
+        for n in (1..keep).rev() {
+            let from = rotated_path(&path, n);
+            if from.exists() {
+                std::fs::rename(&from, rotated_path(&path, n + 1)).map_err(rot)?;
+            }
+        }
+        std::fs::rename(&path, rotated_path(&path, 1)).map_err(rot)?;
+        self.file = open_append(&self.cfg).map_err(rot)?;
+        self.size = 0;
+        sync_dir(&path).map_err(rot)?;
+        self.dirty = true;
+        self.checkpoint_if_due(true);
+        Ok(())
+    }
+}
+
+fn open_append(cfg: &AuditConfig) -> std::io::Result<File> {
+    let f = OpenOptions::new().read(true).append(true).create(true).mode(0o640).open(&cfg.path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o640))?;
+    if let Some(gid) = cfg.group {
+        nix::unistd::fchown(&f, None, Some(nix::unistd::Gid::from_raw(gid))).map_err(std::io::Error::from)?;
+    }
+    Ok(f)
+}
+
+/// Returns the last complete line, cutting off (and reporting) a torn tail.
+fn read_tail(f: &mut File) -> std::io::Result<(Option<String>, Option<Torn>)> {
+    let len = f.metadata()?.len();
+    if len == 0 {
+        return Ok((None, None));
+    }
+    // Records are small; 1 MiB always holds the last complete line and any torn tail.
+    let start = len.saturating_sub(1 << 20);
+    f.seek(SeekFrom::Start(start))?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf)?;
+    let mut torn = None;
+    if buf.last() != Some(&b'\n') {
+        let cut = buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        let tail = buf.split_off(cut);
+        torn = Some((tail.len() as u64, hex::encode(Sha256::digest(&tail))));
+        f.set_len(start + cut as u64)?;
+        f.sync_all()?;
+    }
+    if buf.is_empty() {
+        return Ok((None, torn));
+    }
+    buf.pop();
+    let from = buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    Ok((Some(String::from_utf8_lossy(&buf[from..]).into_owned()), torn))
+}
+
+fn parse_last(path: &Path, line: &str) -> Result<(u64, String), AuditError> {
+    match Record::parse_checked(line) {
+        Ok(r) => Ok((r.seq, r.hash)),
+        Err(reason) => Err(AuditError::Recover {
+            path: path.to_path_buf(),
+            reason: format!("last record is damaged ({reason}); run `piccoloctl audit verify` and move the file aside"),
+        }),
+    }
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+}
