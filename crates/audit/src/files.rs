@@ -75,13 +75,18 @@ pub fn read_chain_state(log: &Path) -> std::io::Result<ChainState> {
 }
 
 /// Replaces the checkpoint file atomically: temp file, fsync, rename, fsync dir.
-pub(crate) fn write_chain_state(log: &Path, state: &ChainState) -> std::io::Result<()> {
+pub(crate) fn write_chain_state(log: &Path, state: &ChainState, group: Option<u32>) -> std::io::Result<()> {
     let dest = state_path(log);
     let mut tmp = dest.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     {
-        let mut f = File::create(&tmp)?;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o640).open(&tmp)?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o640))?;
+        if let Some(gid) = group {
+            nix::unistd::fchown(&f, None, Some(nix::unistd::Gid::from_raw(gid))).map_err(std::io::Error::from)?;
+        }
         f.write_all(&serde_json::to_vec(state).map_err(std::io::Error::other)?)?;
         f.sync_all()?;
     }

@@ -256,7 +256,7 @@ impl Writer {
             return;
         }
         self.state.head = self.head();
-        match write_chain_state(&self.cfg.path, &self.state) {
+        match write_chain_state(&self.cfg.path, &self.state, self.cfg.group) {
             Ok(()) => {
                 self.dirty = false;
                 self.last_checkpoint = Instant::now();
@@ -279,7 +279,7 @@ impl Writer {
                 self.state.anchor = Some(Checkpoint { seq, hash });
             }
             self.state.head = self.head();
-            write_chain_state(&path, &self.state).map_err(rot)?;
+            write_chain_state(&path, &self.state, self.cfg.group).map_err(rot)?;
             std::fs::remove_file(&oldest).map_err(rot)?;
         }
         for n in (1..keep).rev() {

@@ -1,0 +1,188 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Broker configuration: an optional TOML file, overridden by command-line flags.
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde::Deserialize;
+
+use piccolo_proto::paths;
+
+/// Command-line flags.
+#[derive(Debug, Parser)]
+#[command(name = "piccolo-broker", version, about = "piccolo's privileged broker")]
+pub struct Args {
+    /// Config file (TOML). Default: /etc/piccolo/broker-config.toml if it exists.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Socket path.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Group that owns the socket directory and socket.
+    #[arg(long)]
+    pub socket_group: Option<String>,
+    /// Policy file.
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    /// Audit log path.
+    #[arg(long)]
+    pub audit_log: Option<PathBuf>,
+    /// Group that may read the audit log.
+    #[arg(long)]
+    pub audit_group: Option<String>,
+    /// Rotate the audit log at this size.
+    #[arg(long)]
+    pub audit_max_bytes: Option<u64>,
+    /// Validate a policy file, print the effective caller × RPC table, and exit.
+    #[arg(long, value_name = "FILE")]
+    pub check_policy: Option<PathBuf>,
+}
+
+/// Settings of the TPM backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TpmConfig {
+    /// TCTI string, e.g. `device:/dev/tpmrm0` or `swtpm:host=127.0.0.1,port=2321`.
+    pub tcti: String,
+}
+
+impl Default for TpmConfig {
+    fn default() -> Self {
+        TpmConfig { tcti: "device:/dev/tpmrm0".into() }
+    }
+}
+
+/// Settings of the EFI variable backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EfiConfig {
+    /// efivarfs mount point.
+    pub efivars_root: PathBuf,
+}
+
+impl Default for EfiConfig {
+    fn default() -> Self {
+        EfiConfig { efivars_root: PathBuf::from("/sys/firmware/efi/efivars") }
+    }
+}
+
+/// Settings of the update_engine client.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpdateEngineConfig {
+    /// D-Bus address; the system bus when absent.
+    pub bus_address: Option<String>,
+}
+
+/// Settings of boot control (A/B slots, disks).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BootConfig {
+    /// Disk (or image file) holding USR-A/USR-B; found from the running system when absent.
+    pub os_disk: Option<PathBuf>,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// See [`Args::socket`].
+    pub socket: Option<PathBuf>,
+    /// See [`Args::socket_group`].
+    pub socket_group: Option<String>,
+    /// See [`Args::policy`].
+    pub policy: Option<PathBuf>,
+    /// See [`Args::audit_log`].
+    pub audit_log: Option<PathBuf>,
+    /// See [`Args::audit_group`].
+    pub audit_group: Option<String>,
+    /// See [`Args::audit_max_bytes`].
+    pub audit_max_bytes: Option<u64>,
+    /// Rotated audit files kept.
+    pub audit_keep: Option<u32>,
+    /// Maximum simultaneous client connections.
+    pub max_connections: Option<usize>,
+    /// TPM backend.
+    pub tpm: TpmConfig,
+    /// EFI variables backend.
+    pub efi: EfiConfig,
+    /// update_engine client.
+    pub update_engine: UpdateEngineConfig,
+    /// Boot control.
+    pub boot: BootConfig,
+}
+
+/// Resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Socket path.
+    pub socket: PathBuf,
+    /// Socket group name (None: leave the creating user's group).
+    pub socket_group: Option<String>,
+    /// Policy file.
+    pub policy: PathBuf,
+    /// Audit log.
+    pub audit_log: PathBuf,
+    /// Audit group name.
+    pub audit_group: Option<String>,
+    /// Rotation size.
+    pub audit_max_bytes: u64,
+    /// Rotated files kept.
+    pub audit_keep: u32,
+    /// Connection cap.
+    pub max_connections: usize,
+    /// The rest of the file (backends).
+    pub file: FileConfig,
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}")]
+    Read {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid.
+    #[error("invalid config {path}: {message}")]
+    Parse {
+        /// Path.
+        path: PathBuf,
+        /// Parser message (with line).
+        message: String,
+    },
+}
+
+impl Config {
+    /// Loads the file named by `--config` (or the default if present) and applies the flags.
+    pub fn load(args: &Args) -> Result<Config, ConfigError> {
+        let (path, required) = match &args.config {
+            Some(p) => (p.clone(), true),
+            None => (PathBuf::from(paths::BROKER_CONFIG), false),
+        };
+        let file = match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str::<FileConfig>(&text)
+                .map_err(|e| ConfigError::Parse { path: path.clone(), message: e.to_string() })?,
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => FileConfig::default(),
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        let pick = |flag: &Option<PathBuf>, file: &Option<PathBuf>, default: &str| {
+            flag.clone().or_else(|| file.clone()).unwrap_or_else(|| Path::new(default).to_path_buf())
+        };
+        Ok(Config {
+            socket: pick(&args.socket, &file.socket, paths::BROKER_SOCKET),
+            socket_group: args.socket_group.clone().or_else(|| file.socket_group.clone()),
+            policy: pick(&args.policy, &file.policy, paths::BROKER_POLICY),
+            audit_log: pick(&args.audit_log, &file.audit_log, paths::AUDIT_LOG),
+            audit_group: args.audit_group.clone().or_else(|| file.audit_group.clone()),
+            audit_max_bytes: args.audit_max_bytes.or(file.audit_max_bytes).unwrap_or(64 << 20),
+            audit_keep: file.audit_keep.unwrap_or(10),
+            max_connections: file.max_connections.unwrap_or(4096),
+            file,
+        })
+    }
+}

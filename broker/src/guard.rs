@@ -1,0 +1,153 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The only way into a privileged verb: identify the caller, consult the policy, write the
+//! audit record(s), run the handler, and answer only once the record is durable.
+//!
+//! Each call runs in its own task, so a client that disconnects mid-call cannot cancel a
+//! half-done action or its outcome record.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use piccolo_audit::{AuditLog, Decision, Entry, Kind, Outcome};
+use piccolo_proto::Rpc;
+use serde_json::Value;
+use tonic::{Request, Response, Status};
+
+use crate::config::Config;
+use crate::error::{Error, code_name};
+use crate::identity::Identity;
+use crate::policy::Policy;
+
+/// State shared by every handler.
+pub struct Ctx {
+    /// The policy in force; replaced whole on a successful reload.
+    pub policy: RwLock<Arc<Policy>>,
+    /// Where the policy is reloaded from.
+    pub policy_path: PathBuf,
+    /// The audit log.
+    pub audit: AuditLog,
+    /// When the broker started.
+    pub started: Instant,
+    /// Resolved configuration.
+    pub config: Config,
+    /// Woken when shutdown begins.
+    pub stopping: tokio::sync::Notify,
+}
+
+/// Shared handle passed to handlers.
+pub type Shared = Arc<Ctx>;
+
+impl Ctx {
+    /// The policy in force now.
+    pub fn policy(&self) -> Arc<Policy> {
+        // A poisoned lock still holds a complete policy: it is only ever replaced whole.
+        self.policy.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// What a request contributes to its audit record and to argument constraints.
+pub trait AuditArgs {
+    /// Summary of the arguments: ids, sizes, digests; never secrets.
+    fn audit_args(&self) -> Value {
+        Value::Object(Default::default())
+    }
+    /// The value checked against the rule's constraint (e.g. the volume id), if the RPC has one.
+    fn constraint(&self) -> Option<String> {
+        None
+    }
+}
+
+/// Runs a unary RPC through the guard.
+pub async fn guard<T, R, F, Fut>(ctx: &Shared, rpc: Rpc, req: Request<T>, handler: F) -> Result<Response<R>, Status>
+where
+    T: AuditArgs + Send + 'static,
+    R: Send + 'static,
+    F: FnOnce(Shared, Identity, T) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<R, Error>> + Send + 'static,
+{
+    let identity = Identity::of_request(&req)?;
+    let msg = req.into_inner();
+    let args = msg.audit_args();
+    let constraint = msg.constraint();
+    run(ctx, rpc, identity, args, constraint, move |ctx, id| handler(ctx, id, msg)).await.map(Response::new)
+}
+
+/// The guard itself, for handlers that extract identity and arguments themselves
+/// (streaming requests).
+pub async fn run<R, F, Fut>(
+    ctx: &Shared,
+    rpc: Rpc,
+    identity: Identity,
+    args: Value,
+    constraint: Option<String>,
+    handler: F,
+) -> Result<R, Status>
+where
+    R: Send + 'static,
+    F: FnOnce(Shared, Identity) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<R, Error>> + Send + 'static,
+{
+    let ctx = ctx.clone();
+    tokio::spawn(async move { run_inner(ctx, rpc, identity, args, constraint, handler).await })
+        .await
+        .map_err(|e| Status::from(Error::Internal(e.to_string())))?
+}
+
+async fn run_inner<R, F, Fut>(
+    ctx: Shared,
+    rpc: Rpc,
+    identity: Identity,
+    args: Value,
+    constraint: Option<String>,
+    handler: F,
+) -> Result<R, Status>
+where
+    F: FnOnce(Shared, Identity) -> Fut,
+    Fut: Future<Output = Result<R, Error>>,
+{
+    let started = Instant::now();
+    let entry = |kind, decision, outcome: Option<Outcome>, intent_seq| Entry {
+        kind,
+        rpc: rpc.name().to_owned(),
+        caller: Some(identity.caller()),
+        args: args.clone(),
+        decision: Some(decision),
+        duration_us: outcome.as_ref().map(|_| u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)),
+        outcome,
+        intent_seq,
+    };
+
+    if !ctx.policy().allows(&identity, rpc, constraint.as_deref()) {
+        let status = Status::from(Error::Denied(rpc));
+        tracing::info!(rpc = %rpc, uid = identity.uid, "denied");
+        let rec = entry(Kind::Call, Decision::Deny, Some(outcome_of(&status)), None);
+        // The caller is refused either way; an audit failure only changes the code.
+        ctx.audit.append(rec).await.map_err(|e| Status::from(Error::Audit(e)))?;
+        return Err(status);
+    }
+
+    let intent_seq = if rpc.spec().mutating {
+        let seq = ctx.audit.append(entry(Kind::Intent, Decision::Allow, None, None)).await.map_err(|e| Status::from(Error::Audit(e)))?;
+        Some(seq)
+    } else {
+        None
+    };
+
+    let result = handler(ctx.clone(), identity.clone()).await.map_err(Status::from);
+    let outcome = match &result {
+        Ok(_) => Outcome::ok(),
+        Err(s) => outcome_of(s),
+    };
+    let kind = if intent_seq.is_some() { Kind::Outcome } else { Kind::Call };
+    ctx.audit
+        .append(entry(kind, Decision::Allow, Some(outcome), intent_seq))
+        .await
+        .map_err(|e| Status::from(Error::Audit(e)))?;
+    result
+}
+
+fn outcome_of(s: &Status) -> Outcome {
+    Outcome { code: code_name(s.code()).to_owned(), message: Some(s.message().to_owned()) }
+}

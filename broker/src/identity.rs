@@ -1,0 +1,86 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Who is calling: SO_PEERCRED uid/gid (captured by the kernel at connect, not spoofable),
+//! plus the uid's supplementary groups. pid, executable and unit are for the audit log only.
+
+use piccolo_audit::Caller;
+use tonic::transport::server::UdsConnectInfo;
+
+use crate::error::Error;
+
+/// The caller as the broker sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Peer uid.
+    pub uid: u32,
+    /// Peer (effective) gid.
+    pub gid: u32,
+    /// Peer pid at connect time.
+    pub pid: Option<i32>,
+    /// Name of `uid`.
+    pub user: Option<String>,
+    /// Supplementary groups of `uid` (gid, name), from the group database.
+    pub groups: Vec<(u32, String)>,
+    /// `/proc/<pid>/exe`.
+    pub exe: Option<String>,
+    /// systemd unit from `/proc/<pid>/cgroup`.
+    pub unit: Option<String>,
+}
+
+impl Identity {
+    /// Reads the peer credentials tonic captured for this request's connection.
+    pub fn of_request<T>(req: &tonic::Request<T>) -> Result<Identity, Error> {
+        let cred = req
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|ci| ci.peer_cred)
+            .ok_or(Error::NoPeerCredentials)?;
+        Ok(Identity::resolve(cred.uid(), cred.gid(), cred.pid()))
+    }
+
+    /// Completes uid/gid/pid with names, groups, executable and unit.
+    pub fn resolve(uid: u32, gid: u32, pid: Option<i32>) -> Identity {
+        let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok().flatten();
+        let mut groups = Vec::new();
+        if let Some(u) = &user
+            && let Ok(name) = std::ffi::CString::new(u.name.as_bytes())
+            && let Ok(gids) = nix::unistd::getgrouplist(&name, u.gid)
+        {
+            for g in gids {
+                let gname = nix::unistd::Group::from_gid(g).ok().flatten().map(|g| g.name).unwrap_or_default();
+                groups.push((g.as_raw(), gname));
+            }
+        }
+        let exe = pid.and_then(|p| std::fs::read_link(format!("/proc/{p}/exe")).ok()).map(|p| p.display().to_string());
+        let unit = pid.and_then(|p| std::fs::read_to_string(format!("/proc/{p}/cgroup")).ok()).and_then(|s| unit_of(&s));
+        Identity { uid, gid, pid, user: user.map(|u| u.name), groups, exe, unit }
+    }
+
+    /// The audit log's view of the caller.
+    pub fn caller(&self) -> Caller {
+        Caller {
+            uid: self.uid,
+            gid: self.gid,
+            pid: self.pid,
+            user: self.user.clone(),
+            exe: self.exe.clone(),
+            unit: self.unit.clone(),
+        }
+    }
+}
+
+/// The innermost `*.service` (or `*.scope`) in a `/proc/<pid>/cgroup` listing.
+fn unit_of(cgroup: &str) -> Option<String> {
+    cgroup.lines().find_map(|l| {
+        let path = l.splitn(3, ':').nth(2)?;
+        path.rsplit('/').find(|c| c.ends_with(".service") || c.ends_with(".scope")).map(str::to_owned)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn unit_from_cgroup() {
+        assert_eq!(super::unit_of("0::/system.slice/piccolo-api.service\n").as_deref(), Some("piccolo-api.service"));
+        assert_eq!(super::unit_of("0::/\n"), None);
+    }
+}
