@@ -39,20 +39,10 @@ impl Identity {
 
     /// Completes uid/gid/pid with names, groups, executable and unit.
     pub fn resolve(uid: u32, gid: u32, pid: Option<i32>) -> Identity {
-        let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok().flatten();
-        let mut groups = Vec::new();
-        if let Some(u) = &user
-            && let Ok(name) = std::ffi::CString::new(u.name.as_bytes())
-            && let Ok(gids) = nix::unistd::getgrouplist(&name, u.gid)
-        {
-            for g in gids {
-                let gname = nix::unistd::Group::from_gid(g).ok().flatten().map(|g| g.name).unwrap_or_default();
-                groups.push((g.as_raw(), gname));
-            }
-        }
+        let (user, groups) = names::of_uid(uid);
         let exe = pid.and_then(|p| std::fs::read_link(format!("/proc/{p}/exe")).ok()).map(|p| p.display().to_string());
         let unit = pid.and_then(|p| std::fs::read_to_string(format!("/proc/{p}/cgroup")).ok()).and_then(|s| unit_of(&s));
-        Identity { uid, gid, pid, user: user.map(|u| u.name), groups, exe, unit }
+        Identity { uid, gid, pid, user, groups, exe, unit }
     }
 
     /// The audit log's view of the caller.
@@ -65,6 +55,61 @@ impl Identity {
             exe: self.exe.clone(),
             unit: self.unit.clone(),
         }
+    }
+}
+
+/// User name and supplementary groups per uid, cached briefly: the group database is read
+/// on every call otherwise, and membership changes take effect within [`names::TTL`]
+/// (at once on SIGHUP, which clears the cache).
+pub mod names {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    /// How long a lookup is reused.
+    pub const TTL: Duration = Duration::from_secs(2);
+
+    type Entry = (Instant, Option<String>, Vec<(u32, String)>);
+    static CACHE: Mutex<Option<HashMap<u32, Entry>>> = Mutex::new(None);
+
+    /// (user name, supplementary groups) of `uid`.
+    pub fn of_uid(uid: u32) -> (Option<String>, Vec<(u32, String)>) {
+        let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+        let map = cache.get_or_insert_with(HashMap::new);
+        if let Some((at, user, groups)) = map.get(&uid)
+            && at.elapsed() < TTL
+        {
+            return (user.clone(), groups.clone());
+        }
+        let (user, groups) = lookup(uid);
+        // Bounded: one entry per distinct caller uid, and stale ones are replaced.
+        if map.len() > 4096 {
+            map.clear();
+        }
+        map.insert(uid, (Instant::now(), user.clone(), groups.clone()));
+        (user, groups)
+    }
+
+    /// Forgets every cached lookup.
+    pub fn clear() {
+        if let Some(m) = CACHE.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            m.clear();
+        }
+    }
+
+    fn lookup(uid: u32) -> (Option<String>, Vec<(u32, String)>) {
+        let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok().flatten();
+        let mut groups = Vec::new();
+        if let Some(u) = &user
+            && let Ok(name) = std::ffi::CString::new(u.name.as_bytes())
+            && let Ok(gids) = nix::unistd::getgrouplist(&name, u.gid)
+        {
+            for g in gids {
+                let gname = nix::unistd::Group::from_gid(g).ok().flatten().map(|g| g.name).unwrap_or_default();
+                groups.push((g.as_raw(), gname));
+            }
+        }
+        (user.map(|u| u.name), groups)
     }
 }
 

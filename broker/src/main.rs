@@ -99,9 +99,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         stopping: tokio::sync::Notify::new(),
     });
 
-    // 4. A small, explicit runtime: the broker's work is I/O and short blocking calls.
+    // 4. One async worker: the broker's work is I/O; slow backend calls (TPM, disks) go to
+    //    the blocking pool. Fewer threads means fewer cross-CPU wake-ups per call.
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .max_blocking_threads(16)
         .thread_name("broker")
         .enable_all()

@@ -18,6 +18,7 @@ pub fn load_policy(path: &Path) -> Result<Policy, PolicyError> {
 
 /// Reloads the policy; on any error the old one stays in force. Both outcomes are audited.
 pub async fn reload_policy(ctx: &Ctx) {
+    crate::identity::names::clear();
     let old = ctx.policy().sha256().to_owned();
     let (args, ok) = match load_policy(&ctx.policy_path) {
         Ok(new) => {

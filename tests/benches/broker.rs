@@ -1,0 +1,177 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Broker round-trip benchmark, reported as ratios against baselines measured in the same run:
+//!
+//! - `echo`: a raw Unix-socket echo of a 64-byte message;
+//! - `fsync-echo`: the same echo, but the server appends and fdatasyncs one audit-sized
+//!   record per message first: the floor for any durably audited call;
+//! - `GetInfo`: a real broker call (policy check, identity lookup, durable audit record).
+//!
+//! Run: `cargo bench -p piccolo-tests --bench broker` (as root; the broker runs as a child).
+//! `BENCH_CALLS` (default 5000) sets the latency sample size; `BENCH_RSS_CALLS` (100000)
+//! the number of calls before the broker's RSS is read.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use piccolo_proto::v1::GetInfoRequest;
+use piccolo_proto::v1::broker_client::BrokerClient;
+use piccolo_testkit::broker::{Broker, BrokerOptions};
+
+const POLICY: &str = "version = 1\n[[rule]]\nrpcs = [\"GetInfo\", \"WhoAmI\"]\nusers = [\"root\"]\nreason = \"bench\"\n";
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}
+
+struct Lat {
+    p50: Duration,
+    p99: Duration,
+}
+
+fn summarize(mut v: Vec<Duration>) -> Lat {
+    v.sort_unstable();
+    Lat { p50: percentile(&v, 0.5), p99: percentile(&v, 0.99) }
+}
+
+/// Echo server: reads 64-byte messages; with `audit`, appends+fdatasyncs a record first.
+fn echo_server(dir: &Path, name: &str, audit: bool) -> std::path::PathBuf {
+    let sock = dir.join(format!("{name}.sock"));
+    let listener = UnixListener::bind(&sock).unwrap();
+    let log = dir.join(format!("{name}.log"));
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { return };
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+                // About the size of a broker audit record for GetInfo.
+                let record = [b'x'; 420];
+                let mut buf = [0u8; 64];
+                while c.read_exact(&mut buf).is_ok() {
+                    if audit {
+                        f.write_all(&record).unwrap();
+                        f.write_all(b"\n").unwrap();
+                        f.sync_data().unwrap();
+                    }
+                    if c.write_all(&buf).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    sock
+}
+
+fn echo_latency(sock: &Path, n: usize) -> Lat {
+    let mut c = UnixStream::connect(sock).unwrap();
+    let msg = [1u8; 64];
+    let mut buf = [0u8; 64];
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        c.write_all(&msg).unwrap();
+        c.read_exact(&mut buf).unwrap();
+        v.push(t.elapsed());
+    }
+    summarize(v)
+}
+
+async fn client(socket: &Path) -> BrokerClient<tonic::transport::Channel> {
+    BrokerClient::new(piccolo_proto::client::connect_unix(socket).await.unwrap())
+}
+
+async fn broker_latency(socket: &Path, n: usize) -> Lat {
+    let mut c = client(socket).await;
+    for _ in 0..50 {
+        c.get_info(GetInfoRequest {}).await.unwrap();
+    }
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        c.get_info(GetInfoRequest {}).await.unwrap();
+        v.push(t.elapsed());
+    }
+    summarize(v)
+}
+
+/// Calls/s with `clients` concurrent connections, each making `per_client` calls.
+async fn throughput(socket: &Path, clients: usize, per_client: usize) -> f64 {
+    let mut conns = Vec::new();
+    for _ in 0..clients {
+        conns.push(client(socket).await);
+    }
+    let t = Instant::now();
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                for _ in 0..per_client {
+                    c.get_info(GetInfoRequest {}).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    (clients * per_client) as f64 / t.elapsed().as_secs_f64()
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+}
+
+fn main() {
+    let n = env_usize("BENCH_CALLS", 5000);
+    let rss_calls = env_usize("BENCH_RSS_CALLS", 100_000);
+    // Keep the state on the same filesystem as the broker's audit log (the temp dir).
+    let dir = tempfile::tempdir().unwrap();
+    let echo = echo_server(dir.path(), "echo", false);
+    let fsync_echo = echo_server(dir.path(), "fsync", true);
+    let b = Broker::start(BrokerOptions { policy: POLICY.into(), ..Default::default() });
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+
+    let e = echo_latency(&echo, n);
+    let f = echo_latency(&fsync_echo, n);
+    let g = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(broker_latency(&b.socket, n));
+    let t1 = rt.block_on(throughput(&b.socket, 1, n));
+    let t8 = rt.block_on(throughput(&b.socket, 8, n));
+    let per = rss_calls / 8;
+    let t_rss = Instant::now();
+    rt.block_on(throughput(&b.socket, 8, per));
+    let rss = rss_kib(b.pid());
+
+    println!("broker benchmark ({n} sequential calls per latency row; same machine, same run)");
+    println!("{:<34} {:>12} {:>12}", "", "p50", "p99");
+    println!("{:<34} {:>12} {:>12}", "raw unix echo", ms(e.p50), ms(e.p99));
+    println!("{:<34} {:>12} {:>12}", "unix echo + fdatasync'd record", ms(f.p50), ms(f.p99));
+    println!("{:<34} {:>12} {:>12}", "broker GetInfo (durable audit)", ms(g.p50), ms(g.p99));
+    let ratio = g.p50.as_secs_f64() / f.p50.as_secs_f64();
+    println!("GetInfo p50 / fsync-echo p50 = {ratio:.2}x (target <= 1.5x)");
+    println!("calls/s, 1 client:  {t1:.0}");
+    println!("calls/s, 8 clients: {t8:.0}  ({:.2}x single client; target >= 4x)", t8 / t1);
+    println!(
+        "broker RSS after {} calls: {} KiB ({:.2} MiB; target < 8 MiB) [{:.1}s]",
+        n * 10 + 50 + per * 8,
+        rss,
+        rss as f64 / 1024.0,
+        t_rss.elapsed().as_secs_f64()
+    );
+}
