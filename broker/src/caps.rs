@@ -64,7 +64,8 @@ mod tests {
         let mut kept = super::kept_names();
         kept.sort();
         assert_eq!(in_unit, kept);
-        let ambient = unit.lines().any(|l| l.starts_with("AmbientCapabilities=") && l.len() > "AmbientCapabilities=".len());
+        let ambient =
+            unit.lines().any(|l| l.starts_with("AmbientCapabilities=") && l.len() > "AmbientCapabilities=".len());
         assert!(!ambient, "the broker needs no ambient capabilities");
     }
 }

@@ -129,7 +129,11 @@ where
     }
 
     let intent_seq = if rpc.spec().mutating {
-        let seq = ctx.audit.append(entry(Kind::Intent, Decision::Allow, None, None)).await.map_err(|e| Status::from(Error::Audit(e)))?;
+        let seq = ctx
+            .audit
+            .append(entry(Kind::Intent, Decision::Allow, None, None))
+            .await
+            .map_err(|e| Status::from(Error::Audit(e)))?;
         Some(seq)
     } else {
         None

@@ -29,11 +29,8 @@ pub struct Identity {
 impl Identity {
     /// Reads the peer credentials tonic captured for this request's connection.
     pub fn of_request<T>(req: &tonic::Request<T>) -> Result<Identity, Error> {
-        let cred = req
-            .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|ci| ci.peer_cred)
-            .ok_or(Error::NoPeerCredentials)?;
+        let cred =
+            req.extensions().get::<UdsConnectInfo>().and_then(|ci| ci.peer_cred).ok_or(Error::NoPeerCredentials)?;
         Ok(Identity::resolve(cred.uid(), cred.gid(), cred.pid()))
     }
 
@@ -41,7 +38,8 @@ impl Identity {
     pub fn resolve(uid: u32, gid: u32, pid: Option<i32>) -> Identity {
         let (user, groups) = names::of_uid(uid);
         let exe = pid.and_then(|p| std::fs::read_link(format!("/proc/{p}/exe")).ok()).map(|p| p.display().to_string());
-        let unit = pid.and_then(|p| std::fs::read_to_string(format!("/proc/{p}/cgroup")).ok()).and_then(|s| unit_of(&s));
+        let unit =
+            pid.and_then(|p| std::fs::read_to_string(format!("/proc/{p}/cgroup")).ok()).and_then(|s| unit_of(&s));
         Identity { uid, gid, pid, user, groups, exe, unit }
     }
 

@@ -15,7 +15,8 @@ use piccolo_broker::{caps, reload, server};
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -84,11 +85,14 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         group: group_id(&config.audit_group)?,
     })
     .map_err(|e| format!("refusing to start without an audit log: {e}"))?;
-    audit.append_blocking(event("broker.start", serde_json::json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "policy_sha256": policy.sha256(),
-        "pid": std::process::id(),
-    })))?;
+    audit.append_blocking(event(
+        "broker.start",
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "policy_sha256": policy.sha256(),
+            "pid": std::process::id(),
+        }),
+    ))?;
     let socket_gid = group_id(&config.socket_group)?;
     let ctx = Arc::new(Ctx {
         policy: RwLock::new(Arc::new(policy)),
@@ -124,5 +128,14 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn event(name: &str, args: serde_json::Value) -> Entry {
-    Entry { kind: Kind::Event, rpc: name.into(), caller: None, args, decision: None, outcome: None, duration_us: None, intent_seq: None }
+    Entry {
+        kind: Kind::Event,
+        rpc: name.into(),
+        caller: None,
+        args,
+        decision: None,
+        outcome: None,
+        duration_us: None,
+        intent_seq: None,
+    }
 }

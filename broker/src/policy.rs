@@ -146,10 +146,13 @@ impl Policy {
             line: offset.map_or(0, line_of),
             reason,
         };
-        let raw: RawPolicy = toml::from_str(text)
-            .map_err(|e| err(e.span().map(|s| s.start), e.message().to_owned()))?;
+        let raw: RawPolicy =
+            toml::from_str(text).map_err(|e| err(e.span().map(|s| s.start), e.message().to_owned()))?;
         if *raw.version.get_ref() != 1 {
-            return Err(err(Some(raw.version.span().start), format!("unsupported policy version {}", raw.version.get_ref())));
+            return Err(err(
+                Some(raw.version.span().start),
+                format!("unsupported policy version {}", raw.version.get_ref()),
+            ));
         }
         let mut grants: BTreeMap<Rpc, Vec<Grant>> = BTreeMap::new();
         for rule in &raw.rules {
@@ -158,11 +161,15 @@ impl Policy {
             }
             let mut principals = Vec::new();
             for u in &rule.users {
-                let uid = names.uid(u.get_ref()).ok_or_else(|| err(Some(u.span().start), format!("unknown user {:?}", u.get_ref())))?;
+                let uid = names
+                    .uid(u.get_ref())
+                    .ok_or_else(|| err(Some(u.span().start), format!("unknown user {:?}", u.get_ref())))?;
                 principals.push(Principal::User(u.get_ref().clone(), uid));
             }
             for g in &rule.groups {
-                let gid = names.gid(g.get_ref()).ok_or_else(|| err(Some(g.span().start), format!("unknown group {:?}", g.get_ref())))?;
+                let gid = names
+                    .gid(g.get_ref())
+                    .ok_or_else(|| err(Some(g.span().start), format!("unknown group {:?}", g.get_ref())))?;
                 principals.push(Principal::Group(g.get_ref().clone(), gid));
             }
             if principals.is_empty() {
@@ -175,11 +182,17 @@ impl Policy {
                 let constraint = match rpc.spec().constraint {
                     Some(key) => {
                         let values = rule.constraints().find(|(k, _)| *k == key).map(|(_, v)| v).ok_or_else(|| {
-                            err(Some(name.span().start), format!("{rpc} needs a `{key}` constraint in its rule (use [\"*\"] to allow any)"))
+                            err(
+                                Some(name.span().start),
+                                format!("{rpc} needs a `{key}` constraint in its rule (use [\"*\"] to allow any)"),
+                            )
                         })?;
                         used_keys.insert(key);
                         if values.get_ref().is_empty() {
-                            return Err(err(Some(values.span().start), format!("`{key}` is empty; remove {rpc} from the rule instead")));
+                            return Err(err(
+                                Some(values.span().start),
+                                format!("`{key}` is empty; remove {rpc} from the rule instead"),
+                            ));
                         }
                         Some(values.get_ref().iter().map(|v| Pattern(v.clone())).collect())
                     }
@@ -189,7 +202,10 @@ impl Policy {
             }
             for (key, values) in rule.constraints() {
                 if !used_keys.contains(key) {
-                    return Err(err(Some(values.span().start), format!("constraint `{key}` applies to none of this rule's RPCs")));
+                    return Err(err(
+                        Some(values.span().start),
+                        format!("constraint `{key}` applies to none of this rule's RPCs"),
+                    ));
                 }
             }
         }
@@ -278,7 +294,15 @@ mod tests {
     }
 
     fn id(uid: u32, gid: u32, groups: &[u32]) -> Identity {
-        Identity { uid, gid, pid: None, user: None, groups: groups.iter().map(|g| (*g, String::new())).collect(), exe: None, unit: None }
+        Identity {
+            uid,
+            gid,
+            pid: None,
+            user: None,
+            groups: groups.iter().map(|g| (*g, String::new())).collect(),
+            exe: None,
+            unit: None,
+        }
     }
 
     const GOOD: &str = r#"
@@ -313,15 +337,19 @@ reason = "operators"
 
     #[test]
     fn errors_name_the_line() {
-        let e = err_of("version = 1\n[[rule]]\nrpcs = [\"GetInfo\", \"RunCommand\"]\nusers = [\"root\"]\nreason = \"x\"\n");
+        let e =
+            err_of("version = 1\n[[rule]]\nrpcs = [\"GetInfo\", \"RunCommand\"]\nusers = [\"root\"]\nreason = \"x\"\n");
         assert_eq!((e.line, e.reason.as_str()), (3, "unknown RPC \"RunCommand\""));
-        let e = err_of("version = 1\n[[rule]]\nrpcs = [\"GetInfo\"]\nusers = [\"root\",\n \"mallory\"]\nreason = \"x\"\n");
+        let e =
+            err_of("version = 1\n[[rule]]\nrpcs = [\"GetInfo\"]\nusers = [\"root\",\n \"mallory\"]\nreason = \"x\"\n");
         assert_eq!((e.line, e.reason.as_str()), (5, "unknown user \"mallory\""));
         let e = err_of("version = 1\n[[rule]]\nrpcs = [\"GetInfo\"]\ngroups = [\"nogroup-x\"]\nreason = \"x\"\n");
         assert_eq!(e.line, 4);
         let e = err_of("version = 1\n[[rule]]\nrpcs = [\"GetInfo\"]\nusers = [\"root\"]\nreason = \"\"\n");
         assert!(e.reason.contains("reason"));
-        let e = err_of("version = 1\n[[rule]]\nrpcs = [\"GetInfo\"]\nusers = [\"root\"]\nreason = \"x\"\nvolumes = [\"a\"]\n");
+        let e = err_of(
+            "version = 1\n[[rule]]\nrpcs = [\"GetInfo\"]\nusers = [\"root\"]\nreason = \"x\"\nvolumes = [\"a\"]\n",
+        );
         assert_eq!((e.line, e.reason.contains("applies to none")), (6, true));
         let e = err_of("version = 2\n");
         assert_eq!(e.line, 1);

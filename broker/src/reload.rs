@@ -12,7 +12,11 @@ use crate::policy::{Policy, PolicyError, SystemNames};
 /// Reads and validates a policy file.
 pub fn load_policy(path: &Path) -> Result<Policy, PolicyError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| PolicyError { file: file.clone(), line: 0, reason: e.to_string() })?;
+    let text = std::fs::read_to_string(path).map_err(|e| PolicyError {
+        file: file.clone(),
+        line: 0,
+        reason: e.to_string(),
+    })?;
     Policy::parse(&file, &text, &SystemNames)
 }
 

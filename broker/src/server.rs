@@ -157,7 +157,8 @@ pub async fn serve(ctx: Shared, listener: UnixListener) -> Result<(), tonic::tra
             let _ = stop_rx.await;
         });
 
-    let status = format!("READY=1\nSTATUS=serving on {} (policy {})", ctx.config.socket.display(), &ctx.policy().sha256()[..12]);
+    let status =
+        format!("READY=1\nSTATUS=serving on {} (policy {})", ctx.config.socket.display(), &ctx.policy().sha256()[..12]);
     notify::notify(&status);
     tracing::info!(socket = %ctx.config.socket.display(), "serving");
 

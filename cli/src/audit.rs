@@ -60,7 +60,8 @@ fn verify(files: Vec<PathBuf>, log: PathBuf) -> Result<(), Failure> {
     if files.is_empty() {
         return Err(Failure::new(1, format!("no audit files found at {}", log.display())));
     }
-    let state = read_chain_state(&log).map_err(|e| Failure::new(1, format!("cannot read {}.state: {e}", log.display())))?;
+    let state =
+        read_chain_state(&log).map_err(|e| Failure::new(1, format!("cannot read {}.state: {e}", log.display())))?;
     match verify_files(&files, &state) {
         Ok(s) => {
             println!(
@@ -136,16 +137,19 @@ fn show(
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
             continue;
         }
-        let who = r.entry.caller.as_ref().map_or("-".to_string(), |c| {
-            format!("{}({})", c.user.clone().unwrap_or_else(|| "?".into()), c.uid)
-        });
+        let who = r
+            .entry
+            .caller
+            .as_ref()
+            .map_or("-".to_string(), |c| format!("{}({})", c.user.clone().unwrap_or_else(|| "?".into()), c.uid));
         let dec = match r.entry.decision {
             Some(Decision::Allow) => "allow",
             Some(Decision::Deny) => "deny",
             None => "-",
         };
         let outcome = r.entry.outcome.as_ref().map_or("-".to_string(), |o| o.code.clone());
-        let kind = serde_json::to_value(r.entry.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        let kind =
+            serde_json::to_value(r.entry.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
         let dur = r.entry.duration_us.map_or("-".to_string(), |d| format!("{d}us"));
         rows.push(vec![r.seq.to_string(), r.ts.clone(), who, r.entry.rpc.clone(), kind, dec.into(), outcome, dur]);
     }

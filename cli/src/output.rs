@@ -33,7 +33,9 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
 /// Turns a broker status into a message and exit code.
 pub fn status_failure(s: &tonic::Status) -> Failure {
     match s.code() {
-        tonic::Code::PermissionDenied => Failure::new(3, format!("access denied by the broker policy: {}", s.message())),
+        tonic::Code::PermissionDenied => {
+            Failure::new(3, format!("access denied by the broker policy: {}", s.message()))
+        }
         tonic::Code::Unavailable => Failure::new(4, format!("broker unavailable: {}", s.message())),
         tonic::Code::InvalidArgument => Failure::new(2, format!("invalid argument: {}", s.message())),
         _ => Failure::new(1, format!("{:?}: {}", s.code(), s.message())),

@@ -19,15 +19,16 @@ use piccolo_proto::v1::GetInfoRequest;
 use piccolo_proto::v1::broker_client::BrokerClient;
 use piccolo_testkit::broker::{Broker, BrokerOptions};
 
-const POLICY: &str = "version = 1\n[[rule]]\nrpcs = [\"GetInfo\", \"WhoAmI\"]\nusers = [\"root\"]\nreason = \"bench\"\n";
+const POLICY: &str =
+    "version = 1\n[[rule]]\nrpcs = [\"GetInfo\", \"WhoAmI\"]\nusers = [\"root\"]\nreason = \"bench\"\n";
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx]
+/// `pct` in whole percent (50, 99).
+fn percentile(sorted: &[Duration], pct: usize) -> Duration {
+    sorted[(sorted.len() - 1) * pct / 100]
 }
 
 struct Lat {
@@ -37,7 +38,7 @@ struct Lat {
 
 fn summarize(mut v: Vec<Duration>) -> Lat {
     v.sort_unstable();
-    Lat { p50: percentile(&v, 0.5), p99: percentile(&v, 0.99) }
+    Lat { p50: percentile(&v, 50), p99: percentile(&v, 99) }
 }
 
 /// Echo server: reads 64-byte messages; with `audit`, appends+fdatasyncs a record first.
@@ -150,7 +151,11 @@ fn main() {
 
     let e = echo_latency(&echo, n);
     let f = echo_latency(&fsync_echo, n);
-    let g = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(broker_latency(&b.socket, n));
+    let g = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(broker_latency(&b.socket, n));
     let t1 = rt.block_on(throughput(&b.socket, 1, n));
     let t8 = rt.block_on(throughput(&b.socket, 8, n));
     let per = rss_calls / 8;

@@ -11,7 +11,10 @@ use piccolo_testkit::bins;
 
 fn ctl(args: &[&str]) -> (i32, String) {
     let o = Command::new(bins::piccoloctl()).args(args).output().unwrap();
-    (o.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+    (
+        o.status.code().unwrap_or(-1),
+        format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+    )
 }
 
 /// A stopped broker's log with a few allowed and denied calls in it.

@@ -105,11 +105,13 @@ fn check_policy_prints_the_table_and_names_bad_lines() {
     let getinfo = text.lines().find(|l| l.starts_with("GetInfo")).unwrap();
     assert!(getinfo.contains("yes"), "{getinfo}");
 
-    let (ok, text) = check("version = 1\n\n[[rule]]\nrpcs = [\"WhoAmI\", \"Reboot2\"]\nusers = [\"root\"]\nreason = \"x\"\n");
+    let (ok, text) =
+        check("version = 1\n\n[[rule]]\nrpcs = [\"WhoAmI\", \"Reboot2\"]\nusers = [\"root\"]\nreason = \"x\"\n");
     assert!(!ok);
     assert!(text.contains("p.toml:4: unknown RPC \"Reboot2\""), "{text}");
 
-    let (ok, text) = check("version = 1\n\n[[rule]]\nrpcs = [\"WhoAmI\"]\nusers = [\"no-such-user-xyz\"]\nreason = \"x\"\n");
+    let (ok, text) =
+        check("version = 1\n\n[[rule]]\nrpcs = [\"WhoAmI\"]\nusers = [\"no-such-user-xyz\"]\nreason = \"x\"\n");
     assert!(!ok);
     assert!(text.contains("p.toml:5: unknown user \"no-such-user-xyz\""), "{text}");
 

@@ -18,7 +18,8 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 async fn get_info(socket: &std::path::Path) -> Result<piccolo_proto::v1::GetInfoResponse, tonic::Status> {
-    let ch = piccolo_proto::client::connect_unix(socket).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let ch =
+        piccolo_proto::client::connect_unix(socket).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     BrokerClient::new(ch).get_info(GetInfoRequest {}).await.map(|r| r.into_inner())
 }
 
@@ -75,10 +76,7 @@ fn oversized_messages_are_refused_and_the_broker_keeps_serving() {
         let codec = tonic_prost::ProstCodec::<Padded, piccolo_proto::v1::GetInfoResponse>::default();
         grpc.unary(tonic::Request::new(Padded { junk: vec![7; 5 << 20] }), path, codec).await.unwrap_err()
     });
-    assert!(
-        matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted),
-        "{status:?}"
-    );
+    assert!(matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted), "{status:?}");
     rt.block_on(get_info(&b.socket)).unwrap();
 }
 

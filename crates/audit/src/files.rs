@@ -67,8 +67,9 @@ pub fn chain_files(log: &Path) -> Vec<PathBuf> {
 /// Reads the checkpoint file; a missing file is an empty state.
 pub fn read_chain_state(log: &Path) -> std::io::Result<ChainState> {
     match std::fs::read(state_path(log)) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ChainState::default()),
         Err(e) => Err(e),
     }

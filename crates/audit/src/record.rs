@@ -149,14 +149,17 @@ impl Record {
     /// Parses one stored line and checks that it is canonical and self-consistent.
     pub fn parse_checked(line: &str) -> Result<Record, String> {
         let v: Value = serde_json::from_str(line).map_err(|e| format!("not valid JSON ({e})"))?;
-        let rec: Record =
-            serde_json::from_value(v.clone()).map_err(|e| format!("not an audit record ({e})"))?;
+        let rec: Record = serde_json::from_value(v.clone()).map_err(|e| format!("not an audit record ({e})"))?;
         if canonical::to_string(&v) != line {
             return Err("record is not in canonical form (edited?)".into());
         }
         let want = hash_without_hash_field(&v);
         if want != rec.hash {
-            return Err(format!("hash mismatch: record content was changed (stored {}, computed {})", short(&rec.hash), short(&want)));
+            return Err(format!(
+                "hash mismatch: record content was changed (stored {}, computed {})",
+                short(&rec.hash),
+                short(&want)
+            ));
         }
         Ok(rec)
     }

@@ -56,7 +56,11 @@ pub fn verify_files(files: &[PathBuf], state: &ChainState) -> Result<VerifySumma
                         ));
                     }
                     if &rec.prev != phash {
-                        return Err(err(lineno, Some(rec.seq), "prev does not match the previous record's hash".into()));
+                        return Err(err(
+                            lineno,
+                            Some(rec.seq),
+                            "prev does not match the previous record's hash".into(),
+                        ));
                     }
                 }
             }

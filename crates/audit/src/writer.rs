@@ -170,7 +170,17 @@ impl Writer {
             Some((seq, hash)) => (seq + 1, hash),
             None => (0, GENESIS.to_string()),
         };
-        let w = Writer { cfg, file, size, next_seq, prev, state, dirty: false, last_checkpoint: Instant::now(), poisoned: false };
+        let w = Writer {
+            cfg,
+            file,
+            size,
+            next_seq,
+            prev,
+            state,
+            dirty: false,
+            last_checkpoint: Instant::now(),
+            poisoned: false,
+        };
         Ok((w, torn))
     }
 

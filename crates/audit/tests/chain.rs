@@ -155,10 +155,12 @@ fn concurrent_appends_get_unique_consecutive_seqs() {
     let log = std::sync::Arc::new(AuditLog::open(c.clone()).unwrap());
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
     let mut seqs: Vec<u64> = rt.block_on(async {
-        let tasks: Vec<_> = (0..200).map(|i| {
-            let log = log.clone();
-            tokio::spawn(async move { log.append(entry(i)).await.unwrap() })
-        }).collect();
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move { log.append(entry(i)).await.unwrap() })
+            })
+            .collect();
         let mut out = Vec::new();
         for t in tasks {
             out.push(t.await.unwrap());

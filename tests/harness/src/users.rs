@@ -41,7 +41,14 @@ pub fn ensure_user(name: &str, groups: &[&str]) -> u32 {
     }
     let _l = lock();
     if nix::unistd::User::from_name(name).ok().flatten().is_none() {
-        run(Command::new("useradd").args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "--user-group", name]));
+        run(Command::new("useradd").args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            "--user-group",
+            name,
+        ]));
     }
     for g in groups {
         run(Command::new("usermod").args(["-a", "-G", g, name]));
@@ -73,6 +80,10 @@ pub fn apply_sysusers(file: &Path) {
 pub fn run_as(user: &str, program: &Path, args: &[&str]) -> Output {
     let u = nix::unistd::User::from_name(user).ok().flatten().unwrap_or_else(|| panic!("no user {user}"));
     let mut cmd = Command::new("setpriv");
-    cmd.arg(format!("--reuid={}", u.uid)).arg(format!("--regid={}", u.gid)).arg("--init-groups").arg(program).args(args);
+    cmd.arg(format!("--reuid={}", u.uid))
+        .arg(format!("--regid={}", u.gid))
+        .arg("--init-groups")
+        .arg(program)
+        .args(args);
     cmd.output().expect("run setpriv")
 }
