@@ -28,7 +28,7 @@ if [ "$(id -u)" -eq 0 ]; then
   socket_group=piccolo-broker; audit_group=piccolo-audit
   principals='users = ["root"]
 groups = ["piccolo-broker"]'
-  echo "run-local: running as root: the broker is root, workers get their own users."
+  echo "run-local: running as root: the broker runs as root; each worker runs as its own system user."
 else
   socket_group=$(id -gn); audit_group=$(id -gn)
   principals="users = [\"$me\"]"
