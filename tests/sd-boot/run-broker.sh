@@ -7,7 +7,7 @@
 #   usage: tests/sd-boot/run-broker.sh [TARGET_DIR]   (default: target/debug)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
-bins=${1:-$repo/target/debug}
+bins=$(realpath "${1:-$repo/target/debug}")
 set_dir=$(mktemp -d /tmp/piccolo-sdboot.XXXXXX)
 trap 'rm -rf "$set_dir"' EXIT
 

@@ -6,7 +6,7 @@
 #   usage: tests/systemd/verify-units.sh [TARGET_DIR]   (default: target/debug)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
-bins=${1:-$repo/target/debug}
+bins=$(realpath "${1:-$repo/target/debug}")
 work=$(mktemp -d /tmp/piccolo-verify.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 rc=0

@@ -1,12 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Finds the workspace's binaries, building them once if a test runs before they exist.
 
-use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::Once;
 
-/// Binaries already brought up to date by this test process.
-static BUILT: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+static BUILD: Once = Once::new();
 
 /// The target directory the running test executable lives in (`target/<profile>`).
 fn profile_dir() -> PathBuf {
@@ -15,30 +13,32 @@ fn profile_dir() -> PathBuf {
     exe.parent().and_then(|p| p.parent()).expect("test binary in target/<profile>/deps").to_path_buf()
 }
 
-/// Path of workspace binary `name` from package `package`, brought up to date once per
-/// test process (`cargo build` is a no-op when it is fresh; a stale binary would test old code).
-pub fn bin(package: &str, name: &str) -> PathBuf {
-    let path = profile_dir().join(name);
-    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
-    if built.get_or_insert_with(HashSet::new).insert(name.to_owned()) {
+/// Path of workspace binary `name`, after bringing every workspace binary up to date once per
+/// test process. Building the whole workspace's binaries (not one package) keeps cargo's
+/// feature unification identical to `cargo test --workspace`, so this is a no-op there; a
+/// stale binary would test old code.
+pub fn bin(name: &str) -> PathBuf {
+    BUILD.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = std::process::Command::new(cargo);
-        cmd.args(["build", "-p", package, "--bin", name]);
+        cmd.args(["build", "--workspace", "--bins"]);
         if profile_dir().file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
         let st = cmd.status().expect("run cargo build");
-        assert!(st.success(), "cargo build -p {package} --bin {name} failed");
-    }
+        assert!(st.success(), "cargo build --workspace --bins failed");
+    });
+    let path = profile_dir().join(name);
+    assert!(path.exists(), "{} was not built", path.display());
     path
 }
 
 /// `piccolo-broker`.
 pub fn broker() -> PathBuf {
-    bin("piccolo-broker", "piccolo-broker")
+    bin("piccolo-broker")
 }
 
 /// `piccoloctl`.
 pub fn piccoloctl() -> PathBuf {
-    bin("piccoloctl", "piccoloctl")
+    bin("piccoloctl")
 }
