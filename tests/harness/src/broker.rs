@@ -19,6 +19,7 @@ pub struct Broker {
     pub config: PathBuf,
     child: Option<Child>,
     stderr: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 /// How to start a broker.
@@ -34,6 +35,8 @@ pub struct BrokerOptions {
     pub extra_config: String,
     /// Audit rotation size.
     pub audit_max_bytes: Option<u64>,
+    /// Extra environment for the broker process (e.g. NOTIFY_SOCKET).
+    pub env: Vec<(String, String)>,
 }
 
 impl Broker {
@@ -66,7 +69,7 @@ impl Broker {
         cfg.push_str(&opts.extra_config);
         std::fs::write(&config, cfg).expect("write config");
         let stderr = dir.path().join("broker.stderr");
-        let mut b = Broker { socket, policy, audit, config, child: None, stderr, dir };
+        let mut b = Broker { socket, policy, audit, config, child: None, stderr, dir, env: opts.env };
         b.spawn();
         b
     }
@@ -76,6 +79,7 @@ impl Broker {
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&self.stderr).expect("stderr file"))
@@ -132,6 +136,11 @@ impl Broker {
         self.signal(nix::sys::signal::Signal::SIGTERM);
         let mut c = self.child.take().expect("running");
         c.wait().expect("wait broker")
+    }
+
+    /// Waits for a broker that was already signalled to exit.
+    pub fn stop_wait(&mut self) -> std::process::ExitStatus {
+        self.child.take().expect("running").wait().expect("wait broker")
     }
 
     /// Starts the broker again with the same files (after [`Broker::stop`]).
