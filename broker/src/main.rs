@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use clap::Parser;
-use piccolo_audit::{AuditConfig, AuditLog, Entry, Kind};
+use piccolo_audit::{AuditConfig, AuditLog, Entry};
 use piccolo_broker::config::{Args, Config};
 use piccolo_broker::guard::Ctx;
 use piccolo_broker::{caps, reload, server};
@@ -85,7 +85,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         group: group_id(&config.audit_group)?,
     })
     .map_err(|e| format!("refusing to start without an audit log: {e}"))?;
-    audit.append_blocking(event(
+    audit.append_blocking(Entry::event(
         "broker.start",
         serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
@@ -119,23 +119,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     });
     // 6. Drained: record the stop, flush the audit log, remove the socket.
     let _ = std::fs::remove_file(&ctx.config.socket);
-    let stop = ctx.audit.append_blocking(event("broker.stop", serde_json::json!({"clean": result.is_ok()})));
+    let stop = ctx.audit.append_blocking(Entry::event("broker.stop", serde_json::json!({"clean": result.is_ok()})));
     ctx.audit.close();
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     result?;
     stop?;
     Ok(())
-}
-
-fn event(name: &str, args: serde_json::Value) -> Entry {
-    Entry {
-        kind: Kind::Event,
-        rpc: name.into(),
-        caller: None,
-        args,
-        decision: None,
-        outcome: None,
-        duration_us: None,
-        intent_seq: None,
-    }
 }

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use piccolo_audit::{Entry, Kind};
+use piccolo_audit::Entry;
 
 use crate::guard::Ctx;
 use crate::policy::{Policy, PolicyError, SystemNames};
@@ -36,16 +36,7 @@ pub async fn reload_policy(ctx: &Ctx) {
             (serde_json::json!({"in_force_sha256": old, "error": e.to_string()}), false)
         }
     };
-    let entry = Entry {
-        kind: Kind::Event,
-        rpc: if ok { "broker.policy_reloaded" } else { "broker.policy_reload_rejected" }.into(),
-        caller: None,
-        args,
-        decision: None,
-        outcome: None,
-        duration_us: None,
-        intent_seq: None,
-    };
+    let entry = Entry::event(if ok { "broker.policy_reloaded" } else { "broker.policy_reload_rejected" }, args);
     if let Err(e) = ctx.audit.append(entry).await {
         tracing::error!(error = %e, "cannot audit the policy reload");
     }

@@ -107,6 +107,22 @@ pub struct Entry {
     pub intent_seq: Option<u64>,
 }
 
+impl Entry {
+    /// A broker event (start, stop, reload, recovery): no caller, no decision.
+    pub fn event(name: &str, args: Value) -> Entry {
+        Entry {
+            kind: Kind::Event,
+            rpc: name.to_owned(),
+            caller: None,
+            args,
+            decision: None,
+            outcome: None,
+            duration_us: None,
+            intent_seq: None,
+        }
+    }
+}
+
 /// A durable record as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {

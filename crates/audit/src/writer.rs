@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 use crate::error::AuditError;
 use crate::files::{ChainState, Checkpoint, chain_files, read_chain_state, rotated_path, sync_dir, write_chain_state};
-use crate::record::{Entry, GENESIS, Kind, Record};
+use crate::record::{Entry, GENESIS, Record};
 
 /// How often, at most, the head checkpoint is rewritten while records keep coming.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
@@ -57,16 +57,7 @@ impl AuditLog {
         let (mut w, torn) = Writer::open(cfg)?;
         let last_seq = Arc::new(AtomicU64::new(w.next_seq.saturating_sub(1)));
         if let Some(torn) = torn {
-            let entry = Entry {
-                kind: Kind::Event,
-                rpc: "audit.torn_tail_removed".into(),
-                caller: None,
-                args: serde_json::json!({"bytes": torn.0, "sha256": torn.1}),
-                decision: None,
-                outcome: None,
-                duration_us: None,
-                intent_seq: None,
-            };
+            let entry = Entry::event("audit.torn_tail_removed", serde_json::json!({"bytes": torn.0, "sha256": torn.1}));
             let (reply, _rx) = oneshot::channel();
             w.commit(vec![(entry, reply)]);
             if w.poisoned {
