@@ -190,7 +190,13 @@ pub struct InstallPlan {
     pub partitions: Vec<OverwrittenPartition>,
     /// Whether the target currently has a valid GPT.
     pub has_gpt: bool,
+    /// `(offset, length)` past the image that is zeroed too: the disk's last MiB, where its
+    /// old backup GPT lives (left alone it would resurrect the old table).
+    pub wiped_after_image: Option<(u64, u64)>,
 }
+
+/// Size of the regions at each end of a disk that hold the GPT copies (and are handled last).
+pub const GPT_REGION: u64 = 1 << 20;
 
 /// Where an install image comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -246,7 +252,9 @@ pub fn plan_install(cfg: &DiskConfig, target: &str, image: &ImageSpec) -> Result
         return Err(Error::TargetTooSmall { name: disk.name.clone(), need: image_bytes, have: disk.size_bytes });
     }
     let (partitions, has_gpt) = current_partitions(cfg, &disk, image_bytes)?;
-    Ok(InstallPlan { target: disk, image_bytes, image_path, partitions, has_gpt })
+    let wipe_from = disk.size_bytes.saturating_sub(GPT_REGION).max(image_bytes);
+    let wiped_after_image = (wipe_from < disk.size_bytes).then(|| (wipe_from, disk.size_bytes - wipe_from));
+    Ok(InstallPlan { target: disk, image_bytes, image_path, partitions, has_gpt, wiped_after_image })
 }
 
 fn current_partitions(

@@ -5,13 +5,15 @@
 //! 1. validate target and image exactly as [`crate::disks::plan_install`] does;
 //! 2. for a file image, hash it first: a digest mismatch fails before the disk is touched;
 //! 3. open the disk `O_EXCL` (the kernel refuses if anything has it mounted or held);
-//! 4. zero the head (first MiB: protective MBR and primary GPT) and fsync;
-//! 5. write everything after the head, fsync, check the digest of the whole stream;
-//! 6. write the head, fsync;
+//! 4. zero the image's first and last MiB (where its GPT copies go) and the disk's old
+//!    backup GPT (its last MiB, when past the image), fsync;
+//! 5. write everything between, fsync, check the digest of the whole stream;
+//! 6. write the image's last then first MiB, fsync;
 //! 7. read everything back from the device (page cache dropped) and compare: byte for byte
 //!    against the file, or by digest for a streamed image.
 //!
-//! A streamed image with a wrong digest fails at step 5 with the head still zeroed.
+//! A streamed image with a wrong digest (or a crash) before step 6 leaves no valid GPT on the
+//! disk, so it can never be mistaken for (or booted as) an installed system.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -71,8 +73,7 @@ pub struct InstallReport {
     pub sha256: Sha256Digest,
 }
 
-/// Bytes written last: the protective MBR and primary GPT live in the first MiB.
-const HEAD: u64 = 1 << 20;
+use crate::disks::GPT_REGION;
 
 fn image_errs() -> CopyErrors {
     CopyErrors {
@@ -142,12 +143,21 @@ pub fn install_to_disk(
             _ => Error::OpenTarget { path: dev_path.clone(), source },
         })?;
 
-    let head_len = len.min(HEAD);
-    let sync = |f: &File| f.sync_all().map_err(|source| Error::SyncDisk { path: dev_path.clone(), source });
-    // head_len ≤ 1 MiB, so it fits in usize.
-    let zeros = vec![0u8; usize::try_from(head_len).unwrap_or(0)];
-    dev.write_all_at(&zeros, 0).map_err(|source| Error::WriteDisk { path: dev_path.clone(), source })?;
-    sync(&dev)?;
+    // The GPT copies live in the image's first and last MiB; both are written last, and
+    // zeroed first together with the disk's old backup GPT, so no valid table exists on
+    // the disk until the whole image is on it.
+    let hold = (len.min(GPT_REGION), len.saturating_sub(GPT_REGION).min(GPT_REGION));
+    let mut zero_ranges = vec![(0, hold.0), (len - hold.1, hold.1)];
+    zero_ranges.extend(plan.wiped_after_image);
+    let write = |off: u64, data: &[u8]| {
+        dev.write_all_at(data, off).map_err(|source| Error::WriteDisk { path: dev_path.clone(), source })
+    };
+    let sync = || dev.sync_all().map_err(|source| Error::SyncDisk { path: dev_path.clone(), source });
+    for (off, n) in zero_ranges {
+        // Each range is at most GPT_REGION (1 MiB), so it fits in usize.
+        write(off, &vec![0u8; usize::try_from(n).unwrap_or(0)])?;
+    }
+    sync()?;
 
     let mut file_reader;
     let reader: &mut dyn Read = match image {
@@ -161,15 +171,15 @@ pub fn install_to_disk(
         ImageSource::Stream { reader, .. } => reader,
     };
     let dest = Dest { file: &dev, path: &dev_path, offset: 0, len };
-    let head_usize = usize::try_from(head_len).unwrap_or(0);
-    let (digest, head) = stream::copy_exact(reader, &dest, head_usize, &image_errs(), &mut |done| {
+    let (digest, held) = stream::copy_exact(reader, &dest, hold, &image_errs(), &mut |done| {
         progress(Progress { phase: Phase::Writing, done, total: len })
     })?;
     if &digest != expected_sha256 {
         return Err(mismatch(&digest));
     }
-    dev.write_all_at(&head, 0).map_err(|source| Error::WriteDisk { path: dev_path.clone(), source })?;
-    sync(&dev)?;
+    write(len - hold.1, &held.tail)?;
+    write(0, &held.head)?;
+    sync()?;
 
     let mut verify = |done| progress(Progress { phase: Phase::Verifying, done, total: len });
     match &image_file {

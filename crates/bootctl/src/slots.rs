@@ -294,7 +294,7 @@ impl BootControl {
             read: |source| Error::ReadPayload { source },
             write: |p, source| Error::WritePayload { path: p.to_owned(), source },
         };
-        let (digest, _) = stream::copy_exact(payload, &dest, 0, &errs, &mut |_| {})?;
+        let (digest, _) = stream::copy_exact(payload, &dest, (0, 0), &errs, &mut |_| {})?;
         if &digest != expected_sha256 {
             return Err(Error::DigestMismatch { expected: hex::encode(expected_sha256), actual: hex::encode(digest) });
         }

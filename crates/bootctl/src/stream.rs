@@ -56,22 +56,33 @@ pub(crate) struct Dest<'a> {
     pub len: u64,
 }
 
+/// Bytes a copy held back instead of writing.
+#[derive(Debug, Default)]
+pub(crate) struct Held {
+    /// The first `hold.0` bytes.
+    pub head: Vec<u8>,
+    /// The last `hold.1` bytes.
+    pub tail: Vec<u8>,
+}
+
 /// Copies exactly `len` bytes from `src` to `file` at `offset`, hashing as it goes, then
-/// fsyncs. Never writes past `offset + len`. Fails if the source is shorter or longer.
-/// `skip_head` bytes at the start are hashed and returned, not written (the installer
-/// writes the partition table last); `progress` gets the bytes done so far.
+/// fsyncs. Never writes outside `[offset, offset + len)`. Fails if the source is shorter or
+/// longer. The first `hold.0` and last `hold.1` bytes are hashed and returned, not written
+/// (the installer writes both GPT copies last); `progress` gets the bytes done so far.
 pub(crate) fn copy_exact(
     src: &mut dyn Read,
     dst: &Dest<'_>,
-    skip_head: usize,
+    hold: (u64, u64),
     errs: &CopyErrors,
     progress: &mut dyn FnMut(u64),
-) -> Result<(Sha256Digest, Vec<u8>), Error> {
+) -> Result<(Sha256Digest, Held), Error> {
     let Dest { file, path, offset, len } = *dst;
+    let head_end = hold.0.min(len);
+    let tail_start = len.saturating_sub(hold.1).max(head_end);
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
     let mut done: u64 = 0;
-    let mut head = Vec::new();
+    let mut held = Held::default();
     while done < len {
         let want = usize::try_from((len - done).min(CHUNK as u64)).unwrap_or(CHUNK);
         let n = read_full(src, &mut buf[..want]).map_err(errs.read)?;
@@ -80,13 +91,16 @@ pub(crate) fn copy_exact(
         }
         let chunk = &buf[..n];
         hasher.update(chunk);
-        // Bytes of this chunk that fall inside the held-back head.
-        let held = usize::try_from((skip_head as u64).saturating_sub(done)).unwrap_or(usize::MAX).min(n);
-        head.extend_from_slice(&chunk[..held]);
-        if held < n {
-            file.write_all_at(&chunk[held..], offset + done + held as u64).map_err(|e| (errs.write)(path, e))?;
+        // Split the chunk [done, done + n) at head_end and tail_start (both clamped into it).
+        let end = done + n as u64;
+        let cut = |at: u64| usize::try_from(at.clamp(done, end) - done).unwrap_or(n);
+        let (h, t) = (cut(head_end), cut(tail_start));
+        held.head.extend_from_slice(&chunk[..h]);
+        if h < t {
+            file.write_all_at(&chunk[h..t], offset + done + h as u64).map_err(|e| (errs.write)(path, e))?;
         }
-        done += n as u64;
+        held.tail.extend_from_slice(&chunk[t..]);
+        done = end;
         progress(done);
     }
     let mut probe = [0u8; 1];
@@ -94,7 +108,7 @@ pub(crate) fn copy_exact(
         return Err(Error::PayloadTooLong { expected: len });
     }
     file.sync_all().map_err(|source| Error::SyncDisk { path: path.to_owned(), source })?;
-    Ok((hasher.finalize().into(), head))
+    Ok((hasher.finalize().into(), held))
 }
 
 /// Asks the kernel to drop cached pages of a range so the next read comes from the device.
@@ -173,22 +187,27 @@ mod tests {
         let p = dir.path().join("d");
         let f = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&p).unwrap();
         f.set_len(64).unwrap();
-        let data = vec![7u8; 16];
-        let (d, head) = copy_exact(&mut &data[..], &Dest { file: &f, path: &p, offset: 8, len: 16 }, 4, &errs(), &mut |_| {}).unwrap();
+        let data: Vec<u8> = (1..=16).collect();
+        let dest = Dest { file: &f, path: &p, offset: 8, len: 16 };
+        let (d, held) = copy_exact(&mut &data[..], &dest, (4, 3), &errs(), &mut |_| {}).unwrap();
         assert_eq!(d, <[u8; 32]>::from(Sha256::digest(&data)));
-        assert_eq!(head, vec![7u8; 4]);
+        assert_eq!((held.head, held.tail), (vec![1, 2, 3, 4], vec![14, 15, 16]));
         let back = std::fs::read(&p).unwrap();
         assert_eq!(&back[..12], &[0u8; 12], "held-back head not written");
-        assert_eq!(&back[12..24], &[7u8; 12]);
-        assert_eq!(&back[24..], &[0u8; 40], "nothing past offset + len");
+        assert_eq!(&back[12..21], &data[4..13]);
+        assert_eq!(&back[21..], &[0u8; 43], "held-back tail and nothing past offset + len");
+        // Holds larger than the payload overlap nothing and lose nothing.
+        let (_, held) = copy_exact(&mut &data[..], &dest, (10, 10), &errs(), &mut |_| {}).unwrap();
+        assert_eq!([held.head, held.tail].concat(), data);
+        let data = [7u8; 16];
         assert!(matches!(
-            copy_exact(&mut &data[..], &Dest { file: &f, path: &p, offset: 0, len: 15 }, 0, &errs(), &mut |_| {}),
+            copy_exact(&mut &data[..], &Dest { file: &f, path: &p, offset: 0, len: 15 }, (0, 0), &errs(), &mut |_| {}),
             Err(Error::PayloadTooLong { expected: 15 })
         ));
         assert!(matches!(
-            copy_exact(&mut &data[..], &Dest { file: &f, path: &p, offset: 0, len: 17 }, 0, &errs(), &mut |_| {}),
+            copy_exact(&mut &data[..], &Dest { file: &f, path: &p, offset: 0, len: 17 }, (0, 0), &errs(), &mut |_| {}),
             Err(Error::PayloadShort { expected: 17, received: 16 })
         ));
-        assert_eq!(hash_back(&f, &p, 12, 12).unwrap(), <[u8; 32]>::from(Sha256::digest([7u8; 12])));
+        assert_eq!(hash_back(&f, &p, 0, 15).unwrap(), <[u8; 32]>::from(Sha256::digest([7u8; 15])));
     }
 }

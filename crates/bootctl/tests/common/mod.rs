@@ -1,0 +1,220 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Shared test fixtures: Flatcar-like disk images made with real `sgdisk`, checked with real
+//! `cgpt` and `sgdisk -v`, and a loop-device guard.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use piccolo_bootctl::{BootControl, BootedSource, SlotId};
+
+pub const USR: &str = "5dfbf5f4-2848-4bac-aa5e-0d9a20b745a6";
+/// Partition numbers as on Flatcar: EFI 1, USR-A 3, USR-B 4, ROOT 9.
+pub const A: u32 = 3;
+pub const B: u32 = 4;
+/// Size of each USR partition in the test image.
+pub const USR_BYTES: u64 = 16 << 20;
+
+/// Runs a command, panicking with its output unless it succeeds; returns stdout.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A fresh 64 MiB sparse OS image in `dir`: EFI-SYSTEM, USR-A (booted: P1 T0 S1), USR-B
+/// (P0 T0 S0), ROOT. Made by real `sgdisk` + `cgpt` into cargo's test scratch directory
+/// once (sgdisk sleeps a second after every write) and copied sparsely for each test.
+pub fn os_image(dir: &Path, name: &str) -> PathBuf {
+    static TEMPLATE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let t = TEMPLATE.get_or_init(|| {
+        let scratch = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let t = scratch.join("bootctl-os-template-v1.img");
+        if !t.exists() {
+            let work = tempfile::tempdir_in(scratch).unwrap();
+            let made = make_os_image(work.path(), "t.img");
+            sgdisk_ok(&made);
+            std::fs::rename(&made, &t).unwrap(); // atomic: parallel test binaries may race here
+        }
+        t
+    });
+    let p = dir.join(name);
+    run(Command::new("cp").arg("--sparse=always").arg(t).arg(&p));
+    p
+}
+
+/// Builds the OS image with sgdisk and cgpt (about a second).
+pub fn make_os_image(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(64 << 20).unwrap();
+    drop(f);
+    run(Command::new("sgdisk")
+        .args(["-o", "-n", "1:2048:+4M", "-t", "1:ef00", "-c", "1:EFI-SYSTEM"])
+        .args(["-n", "3:0:+16M", "-t", &format!("3:{USR}"), "-c", "3:USR-A"])
+        .args(["-n", "4:0:+16M", "-t", &format!("4:{USR}"), "-c", "4:USR-B"])
+        .args(["-n", "9:0:0", "-t", "9:8300", "-c", "9:ROOT"])
+        .arg(&p));
+    cgpt_set(&p, A, 1, 0, true);
+    p
+}
+
+/// `cgpt add -i N -P -T -S`.
+pub fn cgpt_set(img: &Path, n: u32, p: u8, t: u8, s: bool) {
+    run(Command::new("cgpt").args([
+        "add",
+        "-i",
+        &n.to_string(),
+        "-P",
+        &p.to_string(),
+        "-T",
+        &t.to_string(),
+        "-S",
+        if s { "1" } else { "0" },
+    ])
+    .arg(img));
+}
+
+fn cgpt_field(img: &Path, n: u32, flag: &str) -> u64 {
+    let out = run(Command::new("cgpt").args(["show", "-i", &n.to_string(), flag]).arg(img));
+    let t = out.trim();
+    match t.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).unwrap(),
+        None => t.parse().unwrap_or_else(|_| panic!("cgpt {flag}: {t:?}")),
+    }
+}
+
+/// (priority, tries, successful) as real `cgpt show -i N -P/-T/-S` reports them.
+pub fn cgpt(img: &Path, n: u32) -> (u8, u8, bool) {
+    let p = cgpt_field(img, n, "-P");
+    let t = cgpt_field(img, n, "-T");
+    let s = cgpt_field(img, n, "-S");
+    (u8::try_from(p).unwrap(), u8::try_from(t).unwrap(), s == 1)
+}
+
+/// `cgpt show -A`: attrs >> 48 (includes piccolo's verified bit as 0x200).
+pub fn cgpt_attrs(img: &Path, n: u32) -> u64 {
+    cgpt_field(img, n, "-A")
+}
+
+/// Real `sgdisk -v` must find no problems (both headers, both arrays, CRCs).
+pub fn sgdisk_ok(img: &Path) {
+    let out = run(Command::new("sgdisk").arg("-v").arg(img));
+    assert!(out.contains("No problems found"), "sgdisk -v on {}:\n{out}", img.display());
+}
+
+/// Boot control of `img` as if the running system booted `booted`.
+pub fn ctl(img: &Path, booted: SlotId) -> BootControl {
+    BootControl::new(img, booted, BootedSource::Configured)
+}
+
+/// The partition number of a slot in the test image.
+pub fn number(slot: SlotId) -> u32 {
+    match slot {
+        SlotId::A => A,
+        SlotId::B => B,
+    }
+}
+
+/// The slot of a partition number.
+pub fn slot_of(n: u32) -> SlotId {
+    match n {
+        A => SlotId::A,
+        B => SlotId::B,
+        other => panic!("partition {other} is not a slot"),
+    }
+}
+
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
+}
+
+/// Deterministic pseudo-random payload bytes.
+pub fn payload(len: usize, seed: u8) -> Vec<u8> {
+    let mut x: u32 = 0x9e37_79b9 ^ u32::from(seed);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}
+
+/// Boots the image with the simulator (GRUB), returning the slot booted.
+pub fn grub_boot(img: &Path) -> Option<SlotId> {
+    piccolo_bootctl::simulator::boot_image(img).unwrap().map(|e| slot_of(e.number))
+}
+
+/// Boots repeatedly without ever marking success until the selection changes or 16 boots
+/// pass; returns (first boot, the slot booted once the first one stopped being chosen or
+/// the first one if it never stopped). Works on a copy; the image is not changed.
+pub fn grub_boot_until_fallback(img: &Path, scratch: &Path) -> (Option<SlotId>, Option<SlotId>) {
+    run(Command::new("cp").arg("--sparse=always").arg(img).arg(scratch));
+    let first = grub_boot(scratch);
+    let mut last = first;
+    for _ in 0..16 {
+        last = grub_boot(scratch);
+        if last != first {
+            break;
+        }
+    }
+    (first, last)
+}
+
+/// Bytes of `path` in `[off, off + len)`.
+pub fn bytes_at(path: &Path, off: u64, len: u64) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).unwrap();
+    let mut b = vec![0u8; usize::try_from(len).unwrap()];
+    f.read_exact_at(&mut b, off).unwrap();
+    b
+}
+
+/// A loop device over a file, detached on drop.
+pub struct LoopDev {
+    pub dev: PathBuf,
+}
+
+impl LoopDev {
+    pub fn attach(file: &Path) -> LoopDev {
+        let out = run(Command::new("losetup").args(["-f", "--show"]).arg(file));
+        LoopDev { dev: PathBuf::from(out.trim()) }
+    }
+
+    /// Kernel name (`loop3`).
+    pub fn name(&self) -> String {
+        self.dev.file_name().unwrap().to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+/// Asserts `before` and `after` differ only inside `allowed` (offset, length) ranges.
+pub fn assert_changed_only_in(before: &[u8], after: &[u8], allowed: &[(u64, u64)]) {
+    assert_eq!(before.len(), after.len());
+    let mut ranges: Vec<(usize, usize)> =
+        allowed.iter().map(|(o, n)| (usize::try_from(*o).unwrap(), usize::try_from(o + n).unwrap())).collect();
+    ranges.sort();
+    let mut pos = 0;
+    for (start, end) in ranges.into_iter().chain([(before.len(), before.len())]) {
+        let start = start.min(before.len());
+        if pos < start && before[pos..start] != after[pos..start] {
+            let i = (pos..start).find(|i| before[*i] != after[*i]).unwrap();
+            panic!("byte {i} changed outside the allowed ranges");
+        }
+        pos = pos.max(end);
+    }
+}
