@@ -127,14 +127,20 @@ fn info_of(cfg: &DiskConfig, b: &BlockDev, system: &BTreeSet<String>) -> Result<
     })
 }
 
-/// Whole disks, sorted by name; empty devices (size 0, e.g. unused loop devices) and RAM
-/// disks (`ram*`, `zram*`) are left out since they can never be install targets.
+/// Devices that are never disks to install onto: RAM disks and stacked devices (dm, md).
+fn is_virtual(b: &BlockDev) -> bool {
+    b.name.starts_with("ram") || b.name.starts_with("zram") || !b.slaves.is_empty()
+}
+
+/// Whole disks, sorted by name. Left out, since they can never be install targets: empty
+/// devices (size 0, e.g. unused loop devices), RAM disks (`ram*`, `zram*`) and stacked
+/// devices (dm, md: their underlying disks are listed instead).
 pub fn list_disks(cfg: &DiskConfig) -> Result<Vec<DiskInfo>, Error> {
     let index = cfg.host.block_devices()?;
     let system = system_disks(cfg, &index)?;
     let mut out = Vec::new();
     for b in index.iter().filter(|b| b.partition.is_none()) {
-        if b.name.starts_with("ram") || b.name.starts_with("zram") {
+        if is_virtual(b) {
             continue;
         }
         let d = info_of(cfg, b, &system)?;
@@ -150,7 +156,7 @@ pub fn resolve_target(cfg: &DiskConfig, name: &str) -> Result<DiskInfo, Error> {
     check_disk_name(name)?;
     let index = cfg.host.block_devices()?;
     let b = index.iter().find(|b| b.name == name).ok_or_else(|| Error::UnknownDisk { name: name.to_owned() })?;
-    if b.partition.is_some() {
+    if b.partition.is_some() || is_virtual(b) {
         return Err(Error::NotWholeDisk { name: name.to_owned() });
     }
     let system = system_disks(cfg, &index)?;
@@ -221,11 +227,8 @@ pub(crate) fn resolve_image(cfg: &DiskConfig, path: &Path) -> Result<(PathBuf, u
         std::io::ErrorKind::NotFound => Error::OpenImage { path: path.to_owned(), source },
         _ => refused(),
     })?;
-    let allowed = cfg
-        .image_dirs
-        .iter()
-        .filter_map(|d| std::fs::canonicalize(d).ok())
-        .any(|d| real.starts_with(&d) && real != d);
+    let allowed =
+        cfg.image_dirs.iter().filter_map(|d| std::fs::canonicalize(d).ok()).any(|d| real.starts_with(&d) && real != d);
     let meta = std::fs::metadata(&real).map_err(|source| Error::OpenImage { path: path.to_owned(), source })?;
     if !allowed || !meta.is_file() {
         return Err(refused());

@@ -261,8 +261,8 @@ pub enum Error {
         /// The name given.
         name: String,
     },
-    /// The name is a partition, not a whole disk.
-    #[error("{name:?} is a partition; give a whole disk")]
+    /// The name is a partition or a RAM/stacked (dm, md) device, not a whole disk.
+    #[error("{name:?} is not a whole disk (a partition, RAM disk or dm/md device)")]
     NotWholeDisk {
         /// The name given.
         name: String,

@@ -131,17 +131,14 @@ pub fn install_to_disk(
     }
 
     let dev_path = plan.target.dev_path.clone();
-    let dev = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(OFlag::O_EXCL.bits())
-        .open(&dev_path)
-        .map_err(|source| match source.raw_os_error() {
+    let dev = OpenOptions::new().read(true).write(true).custom_flags(OFlag::O_EXCL.bits()).open(&dev_path).map_err(
+        |source| match source.raw_os_error() {
             Some(libc_ebusy) if libc_ebusy == nix::errno::Errno::EBUSY as i32 => {
                 Error::DiskInUse { name: plan.target.name.clone() }
             }
             _ => Error::OpenTarget { path: dev_path.clone(), source },
-        })?;
+        },
+    )?;
 
     // The GPT copies live in the image's first and last MiB; both are written last, and
     // zeroed first together with the disk's old backup GPT, so no valid table exists on
@@ -163,9 +160,11 @@ pub fn install_to_disk(
     let reader: &mut dyn Read = match image {
         ImageSource::File(_) => {
             // Present: plan_install resolved a path for a file image and it was opened above.
-            file_reader = image_file.as_ref().ok_or(Error::ImageEmpty)?.try_clone().map_err(|source| {
-                Error::OpenImage { path: plan.image_path.clone().unwrap_or_default(), source }
-            })?;
+            file_reader = image_file
+                .as_ref()
+                .ok_or(Error::ImageEmpty)?
+                .try_clone()
+                .map_err(|source| Error::OpenImage { path: plan.image_path.clone().unwrap_or_default(), source })?;
             &mut file_reader
         }
         ImageSource::Stream { reader, .. } => reader,

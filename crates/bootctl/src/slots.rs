@@ -165,7 +165,8 @@ impl BootControl {
                 reason: format!("the running /usr is on {}, not on {}", running_disk.display(), disk.display()),
             });
         }
-        let part = part.ok_or_else(|| Error::DetectOsDisk { reason: format!("/usr is on the whole disk {disk_name}") })?;
+        let part =
+            part.ok_or_else(|| Error::DetectOsDisk { reason: format!("/usr is on the whole disk {disk_name}") })?;
         let file = gpt::open_ro(&disk)?;
         let table = gpt::read_table(&file, &disk)?;
         let numbers = find_slots(&table, &disk)?;
@@ -235,7 +236,12 @@ impl BootControl {
     }
 
     /// Writes new slot fields, refusing if GRUB would then boot nothing.
-    fn commit(&self, s: &mut Session, operation: &'static str, new: &[(SlotId, SlotAttrs)]) -> Result<BootState, Error> {
+    fn commit(
+        &self,
+        s: &mut Session,
+        operation: &'static str,
+        new: &[(SlotId, SlotAttrs)],
+    ) -> Result<BootState, Error> {
         for (slot, a) in new {
             let n = s.numbers[*slot as usize];
             let word = s.table.entry(n).ok_or(Error::NoSuchPartition { number: n })?.attributes;
@@ -334,7 +340,10 @@ impl BootControl {
         self.commit(
             &mut s,
             "CancelUpdate",
-            &[(self.booted.other(), SlotAttrs::default()), (self.booted, SlotAttrs { priority: b.priority.max(1), ..b })],
+            &[
+                (self.booted.other(), SlotAttrs::default()),
+                (self.booted, SlotAttrs { priority: b.priority.max(1), ..b }),
+            ],
         )
     }
 

@@ -82,7 +82,8 @@ fn digest_mismatch_and_wrong_lengths() {
     let dir = tempfile::tempdir().unwrap();
     let img = os_image(dir.path(), "os.img");
     let data = payload(1 << 20, 2);
-    let cases: Vec<(&str, Box<dyn Fn() -> Result<_, Error>>)> = vec![
+    type Case<'a> = Box<dyn Fn() -> Result<piccolo_bootctl::WriteReport, Error> + 'a>;
+    let cases: Vec<(&str, Case)> = vec![
         ("digest", Box::new(|| ctl(&img, SlotId::A).write_inactive(&mut &data[..], 1 << 20, &sha256(b"x")))),
         ("short", Box::new(|| ctl(&img, SlotId::A).write_inactive(&mut &data[..1000], 1 << 20, &sha256(&data)))),
         ("long", Box::new(|| ctl(&img, SlotId::A).write_inactive(&mut &data[..], 1000, &sha256(&data[..1000])))),
@@ -93,8 +94,11 @@ fn digest_mismatch_and_wrong_lengths() {
         let e = f().unwrap_err();
         match name {
             "digest" => {
-                assert!(matches!(&e, Error::DigestMismatch { expected, actual }
-                    if *expected == hex(&sha256(b"x")) && *actual == hex(&sha256(&data))), "{e}");
+                assert!(
+                    matches!(&e, Error::DigestMismatch { expected, actual }
+                    if *expected == hex(&sha256(b"x")) && *actual == hex(&sha256(&data))),
+                    "{e}"
+                );
             }
             "short" => assert!(matches!(e, Error::PayloadShort { expected: 1048576, received: 1000 }), "{e}"),
             _ => assert!(matches!(e, Error::PayloadTooLong { expected: 1000 }), "{e}"),

@@ -27,7 +27,10 @@ fn reads_what_sgdisk_wrote() {
     let info = run(std::process::Command::new("sgdisk").args(["-i", "3"]).arg(&img));
     let want = e[1].guid.to_string().to_uppercase();
     assert!(info.contains(&format!("Partition unique GUID: {want}")), "{info}");
-    assert_eq!(SlotAttrs::from_word(e[1].attributes), SlotAttrs { priority: 1, tries: 0, successful: true, verified: false });
+    assert_eq!(
+        SlotAttrs::from_word(e[1].attributes),
+        SlotAttrs { priority: 1, tries: 0, successful: true, verified: false }
+    );
 }
 
 #[test]

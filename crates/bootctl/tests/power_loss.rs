@@ -53,6 +53,9 @@ fn check_torn_writes(before: &Path, after: &Path, booted: SlotId, dir: &Path, st
     }
 }
 
+/// One step of the sequence: given the booted slot, returns the new booted slot after a boot.
+type Step<'a> = Box<dyn Fn(SlotId) -> Option<SlotId> + 'a>;
+
 fn run_sequence(mark_good: bool) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -64,7 +67,7 @@ fn run_sequence(mark_good: bool) {
     let mut prev = snapshot(img, d, "step0.img");
     check_bootable(&prev, booted, &scratch, "initial");
 
-    let steps: Vec<(&str, Box<dyn Fn(SlotId) -> Option<SlotId>>)> = vec![
+    let steps: Vec<(&str, Step)> = vec![
         (
             "prepare",
             Box::new(|b| {

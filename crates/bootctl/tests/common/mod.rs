@@ -28,37 +28,51 @@ pub fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A fresh 64 MiB sparse OS image in `dir`: EFI-SYSTEM, USR-A (booted: P1 T0 S1), USR-B
-/// (P0 T0 S0), ROOT. Made by real `sgdisk` + `cgpt` into cargo's test scratch directory
-/// once (sgdisk sleeps a second after every write) and copied sparsely for each test.
+/// Layout of a test OS image: total size, EFI and each USR partition, in MiB.
+#[derive(Clone, Copy)]
+pub struct Layout {
+    pub total: u64,
+    pub efi: u64,
+    pub usr: u64,
+}
+
+/// The slot tests' image: 64 MiB, EFI 4, USR 16 + 16, ROOT the rest.
+pub const FULL: Layout = Layout { total: 64, efi: 4, usr: 16 };
+/// The installer's image: 24 MiB, EFI 2, USR 8 + 8, ROOT the rest (less to hash in debug builds).
+pub const SMALL: Layout = Layout { total: 24, efi: 2, usr: 8 };
+
+/// A fresh 64 MiB sparse OS image in `dir` ([`FULL`]): EFI-SYSTEM (1), USR-A (3, booted:
+/// P1 T0 S1), USR-B (4, P0 T0 S0), ROOT (9), like Flatcar's numbering.
 pub fn os_image(dir: &Path, name: &str) -> PathBuf {
-    static TEMPLATE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    let t = TEMPLATE.get_or_init(|| {
-        let scratch = Path::new(env!("CARGO_TARGET_TMPDIR"));
-        let t = scratch.join("bootctl-os-template-v1.img");
-        if !t.exists() {
-            let work = tempfile::tempdir_in(scratch).unwrap();
-            let made = make_os_image(work.path(), "t.img");
-            sgdisk_ok(&made);
-            std::fs::rename(&made, &t).unwrap(); // atomic: parallel test binaries may race here
-        }
-        t
-    });
+    os_image_with(dir, name, FULL)
+}
+
+/// An OS image of the given layout, made by real `sgdisk` + `cgpt` into cargo's test scratch
+/// directory once (sgdisk sleeps a second after every write) and copied sparsely.
+pub fn os_image_with(dir: &Path, name: &str, l: Layout) -> PathBuf {
+    let scratch = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let t = scratch.join(format!("bootctl-os-template-v2-{}-{}-{}.img", l.total, l.efi, l.usr));
+    if !t.exists() {
+        let work = tempfile::tempdir_in(scratch).unwrap();
+        let made = make_os_image(work.path(), "t.img", l);
+        sgdisk_ok(&made);
+        std::fs::rename(&made, &t).unwrap(); // atomic: parallel tests may race here
+    }
     let p = dir.join(name);
-    run(Command::new("cp").arg("--sparse=always").arg(t).arg(&p));
+    run(Command::new("cp").arg("--sparse=always").arg(&t).arg(&p));
     p
 }
 
-/// Builds the OS image with sgdisk and cgpt (about a second).
-pub fn make_os_image(dir: &Path, name: &str) -> PathBuf {
+/// Builds an OS image with sgdisk and cgpt (about a second).
+pub fn make_os_image(dir: &Path, name: &str, l: Layout) -> PathBuf {
     let p = dir.join(name);
     let f = std::fs::File::create(&p).unwrap();
-    f.set_len(64 << 20).unwrap();
+    f.set_len(l.total << 20).unwrap();
     drop(f);
     run(Command::new("sgdisk")
-        .args(["-o", "-n", "1:2048:+4M", "-t", "1:ef00", "-c", "1:EFI-SYSTEM"])
-        .args(["-n", "3:0:+16M", "-t", &format!("3:{USR}"), "-c", "3:USR-A"])
-        .args(["-n", "4:0:+16M", "-t", &format!("4:{USR}"), "-c", "4:USR-B"])
+        .args(["-o", "-n", &format!("1:2048:+{}M", l.efi), "-t", "1:ef00", "-c", "1:EFI-SYSTEM"])
+        .args(["-n", &format!("3:0:+{}M", l.usr), "-t", &format!("3:{USR}"), "-c", "3:USR-A"])
+        .args(["-n", &format!("4:0:+{}M", l.usr), "-t", &format!("4:{USR}"), "-c", "4:USR-B"])
         .args(["-n", "9:0:0", "-t", "9:8300", "-c", "9:ROOT"])
         .arg(&p));
     cgpt_set(&p, A, 1, 0, true);
@@ -67,18 +81,19 @@ pub fn make_os_image(dir: &Path, name: &str) -> PathBuf {
 
 /// `cgpt add -i N -P -T -S`.
 pub fn cgpt_set(img: &Path, n: u32, p: u8, t: u8, s: bool) {
-    run(Command::new("cgpt").args([
-        "add",
-        "-i",
-        &n.to_string(),
-        "-P",
-        &p.to_string(),
-        "-T",
-        &t.to_string(),
-        "-S",
-        if s { "1" } else { "0" },
-    ])
-    .arg(img));
+    run(Command::new("cgpt")
+        .args([
+            "add",
+            "-i",
+            &n.to_string(),
+            "-P",
+            &p.to_string(),
+            "-T",
+            &t.to_string(),
+            "-S",
+            if s { "1" } else { "0" },
+        ])
+        .arg(img));
 }
 
 fn cgpt_field(img: &Path, n: u32, flag: &str) -> u64 {
@@ -187,7 +202,11 @@ pub struct LoopDev {
 impl LoopDev {
     pub fn attach(file: &Path) -> LoopDev {
         let out = run(Command::new("losetup").args(["-f", "--show"]).arg(file));
-        LoopDev { dev: PathBuf::from(out.trim()) }
+        let lo = LoopDev { dev: PathBuf::from(out.trim()) };
+        // Parallel tests (and other suites) attach loop devices too: make sure this one is ours.
+        let backing = std::fs::read_to_string(format!("/sys/block/{}/loop/backing_file", lo.name())).unwrap();
+        assert_eq!(Path::new(backing.trim()), file.canonicalize().unwrap(), "{} is not backed by our file", lo.name());
+        lo
     }
 
     /// Kernel name (`loop3`).
