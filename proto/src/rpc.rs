@@ -51,6 +51,17 @@ macro_rules! rpcs {
 rpcs! {
     GetInfo => ("Broker", false, None),
     WhoAmI => ("Broker", false, None),
+    GetBootState => ("Boot", false, None),
+    PrepareInactiveSlot => ("Boot", true, None),
+    WriteInactiveSlot => ("Boot", true, None),
+    ActivateInactiveSlot => ("Boot", true, None),
+    CancelUpdate => ("Boot", true, None),
+    RollbackToOtherSlot => ("Boot", true, None),
+    MarkBootSuccessful => ("Boot", true, None),
+    Reboot => ("Boot", true, None),
+    ListDisks => ("Disks", false, None),
+    PlanInstall => ("Disks", false, None),
+    InstallToDisk => ("Disks", true, Some("disks")),
 }
 
 impl Rpc {
