@@ -80,6 +80,27 @@ pub struct UpdateEngineConfig {
 pub struct BootConfig {
     /// Disk (or image file) holding USR-A/USR-B; found from the running system when absent.
     pub os_disk: Option<PathBuf>,
+    /// The slot the running system booted from; found from the running `/usr` when absent.
+    pub booted_slot: Option<BootedSlot>,
+    /// Directories `InstallToDisk` may read image files from (none: streamed images only).
+    pub image_dirs: Vec<PathBuf>,
+    /// sysfs mount point (default `/sys`).
+    pub sysfs_root: Option<PathBuf>,
+    /// Device directory (default `/dev`).
+    pub dev_root: Option<PathBuf>,
+    /// Mount table (default `/proc/self/mountinfo`).
+    pub mountinfo: Option<PathBuf>,
+    /// Append reboot requests to this file instead of rebooting (test machines).
+    pub reboot_record: Option<PathBuf>,
+}
+
+/// `boot.booted_slot`: `"A"` or `"B"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum BootedSlot {
+    /// USR-A.
+    A,
+    /// USR-B.
+    B,
 }
 
 /// The whole file.

@@ -24,6 +24,15 @@ pub enum Error {
     /// A handler task panicked or was cancelled.
     #[error("internal error")]
     Internal(String),
+    /// A backend refused or failed; the service's own `From` impl (in its handler module)
+    /// chose the code and wrote a message without secrets.
+    #[error("{message}")]
+    Backend {
+        /// The status code.
+        code: Code,
+        /// What went wrong, for the caller.
+        message: String,
+    },
 }
 
 impl From<Error> for Status {
@@ -34,6 +43,7 @@ impl From<Error> for Status {
             Error::Audit(_) => Code::Unavailable,
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::Internal(_) => Code::Internal,
+            Error::Backend { code, .. } => *code,
         };
         Status::new(code, e.to_string())
     }

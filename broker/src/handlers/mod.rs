@@ -4,7 +4,9 @@
 //!
 //! Adding a service: a module here and one `add_service` line in [`routes`].
 
+pub mod boot;
 pub mod broker_svc;
+pub mod disks;
 
 use piccolo_proto::paths::MAX_MESSAGE_BYTES;
 use tonic::service::{Routes, RoutesBuilder};
@@ -17,6 +19,16 @@ pub fn routes(ctx: &Shared) -> Routes {
     let mut b = RoutesBuilder::default();
     b.add_service(
         BrokerServer::new(broker_svc::BrokerSvc::new(ctx.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    );
+    b.add_service(
+        piccolo_proto::v1::boot_server::BootServer::new(boot::BootSvc::new(ctx.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    );
+    b.add_service(
+        piccolo_proto::v1::disks_server::DisksServer::new(disks::DisksSvc::new(ctx.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
     );

@@ -41,6 +41,6 @@ pub use error::{Code, Error};
 pub use guid::{FLATCAR_USR_TYPE, Guid};
 pub use host::Host;
 pub use install::{ImageSource, InstallReport, Phase, Progress, install_to_disk};
-pub use reboot::{MAX_REBOOT_DELAY, Rebooter, RecordingRebooter, SystemRebooter};
+pub use reboot::{MAX_REBOOT_DELAY, Rebooter, RecordFileRebooter, RecordingRebooter, SystemRebooter};
 pub use slots::{BootControl, BootState, BootedSource, SlotId, SlotInfo, WriteReport};
 pub use stream::{CHUNK, Sha256Digest, parse_sha256};

@@ -67,6 +67,28 @@ impl Rebooter for RecordingRebooter {
     }
 }
 
+/// Appends each request (`delay=<seconds>`) to a file instead of rebooting: the test
+/// backend for a broker running as a separate process.
+#[derive(Debug, Clone)]
+pub struct RecordFileRebooter {
+    /// The record file.
+    pub path: std::path::PathBuf,
+}
+
+impl Rebooter for RecordFileRebooter {
+    fn reboot(&self, delay: Duration) -> Result<(), Error> {
+        use std::io::Write;
+        check_delay(delay)?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|source| Error::Reboot { source })?;
+        writeln!(f, "delay={}", delay.as_secs()).map_err(|source| Error::Reboot { source })?;
+        f.sync_all().map_err(|source| Error::Reboot { source })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,5 +100,15 @@ mod tests {
         r.reboot(Duration::ZERO).unwrap();
         assert!(matches!(r.reboot(Duration::from_secs(3601)), Err(Error::RebootDelayTooLong { max_secs: 3600 })));
         assert_eq!(r.requests(), vec![Duration::from_secs(5), Duration::ZERO]);
+    }
+
+    #[test]
+    fn file_rebooter_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = RecordFileRebooter { path: dir.path().join("reboots") };
+        r.reboot(Duration::from_secs(7)).unwrap();
+        r.reboot(Duration::ZERO).unwrap();
+        assert!(r.reboot(MAX_REBOOT_DELAY + Duration::from_secs(1)).is_err());
+        assert_eq!(std::fs::read_to_string(&r.path).unwrap(), "delay=7\ndelay=0\n");
     }
 }
