@@ -5,7 +5,9 @@
 //! the broker socket and the audit files, or print a secret it was given.
 
 mod audit;
+mod boot;
 mod broker;
+mod disks;
 mod output;
 
 use std::path::PathBuf;
@@ -40,6 +42,17 @@ enum Cmd {
     /// Read and verify the audit log.
     #[command(subcommand)]
     Audit(audit::AuditCmd),
+    /// The A/B boot slots: status, rollback, mark the running boot good.
+    #[command(subcommand)]
+    Boot(boot::BootCmd),
+    /// Whole disks and whether they hold the running system.
+    Disks {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Install an OS image onto another disk (dry run with --plan).
+    Install(disks::InstallArgs),
 }
 
 /// A failure to report: message on stderr, exit status.
@@ -72,6 +85,9 @@ fn main() -> ExitCode {
             Cmd::Info { json } => broker::info(&socket, json).await,
             Cmd::Whoami { json } => broker::whoami(&socket, json).await,
             Cmd::Audit(cmd) => audit::run(cmd),
+            Cmd::Boot(cmd) => boot::run(&socket, cmd).await,
+            Cmd::Disks { json } => disks::list(&socket, json).await,
+            Cmd::Install(a) => disks::install(&socket, a).await,
         }
     });
     match result {
