@@ -6,4 +6,5 @@
 
 pub mod bins;
 pub mod broker;
+pub mod disks;
 pub mod users;
