@@ -31,6 +31,8 @@ use crate::identity::Identity;
 pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Chunks in flight between the gRPC stream and the blocking writer.
 const CHUNKS_IN_FLIGHT: usize = 4;
+/// A client that sends nothing for this long is cut off (it holds the disk's lock).
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl From<bootctl::Error> for Error {
     /// The one mapping of boot-control errors to gRPC codes (recommended by the crate).
@@ -176,7 +178,11 @@ pub(crate) fn forward_chunks<M: Send + 'static>(
     let (tx, rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
     let task = tokio::spawn(async move {
         loop {
-            let item = match stream.message().await {
+            let next = match tokio::time::timeout(CHUNK_TIMEOUT, stream.message()).await {
+                Ok(n) => n,
+                Err(_) => Err(Status::deadline_exceeded("no data for 60 s")),
+            };
+            let item = match next {
                 Ok(Some(m)) => match chunk_of(m) {
                     Some(c) if !c.is_empty() && c.len() <= bootctl::CHUNK => Ok(c),
                     Some(_) => Err(io::Error::new(io::ErrorKind::InvalidInput, "chunks must hold 1 byte to 1 MiB")),

@@ -164,7 +164,26 @@ pub fn resolve_target(cfg: &DiskConfig, name: &str) -> Result<DiskInfo, Error> {
     if d.holds_running_system {
         return Err(Error::SystemDisk { name: name.to_owned() });
     }
+    check_node(&d.dev_path, b.dev, name)?;
     Ok(d)
+}
+
+/// The device node must be the block device sysfs describes (a stale or replaced node
+/// would send the write elsewhere). Regular files stand in for devices in test trees.
+fn check_node(path: &Path, dev: crate::host::DevNum, name: &str) -> Result<(), Error> {
+    use std::os::unix::fs::FileTypeExt;
+    let unknown = || Error::UnknownDisk { name: name.to_owned() };
+    let m = std::fs::symlink_metadata(path).map_err(|_| unknown())?;
+    let ft = m.file_type();
+    if ft.is_block_device() {
+        let rdev = (nix::sys::stat::major(m.rdev()), nix::sys::stat::minor(m.rdev()));
+        if rdev == (u64::from(dev.0), u64::from(dev.1)) {
+            return Ok(());
+        }
+    } else if ft.is_file() {
+        return Ok(());
+    }
+    Err(unknown())
 }
 
 /// A partition the install will destroy.

@@ -45,6 +45,8 @@ impl Fake {
         std::fs::create_dir_all(d.join("slaves")).unwrap();
         std::os::unix::fs::symlink(format!("../devices/{bus}/block/{name}"), self.root.join("sys/block").join(name))
             .unwrap();
+        // The "device node": a sparse regular file of the disk's size.
+        std::fs::File::create(self.host.dev_root.join(name)).unwrap().set_len(bytes).unwrap();
         d
     }
 
@@ -192,6 +194,25 @@ fn install_targets_are_validated() {
     for bad in ["../sda", "sda/", "", "SDA", "sd a"] {
         assert!(matches!(err(bad, &spec), Error::InvalidDiskName { .. }), "{bad:?}");
     }
+    // The device node must be the block device sysfs describes.
+    std::fs::remove_file(f.host.dev_root.join("sdb")).unwrap();
+    assert!(matches!(err("sdb", &spec), Error::UnknownDisk { .. }), "no node");
+    std::fs::create_dir(f.host.dev_root.join("sdb")).unwrap();
+    assert!(matches!(err("sdb", &spec), Error::UnknownDisk { .. }), "a directory");
+    std::fs::remove_dir(f.host.dev_root.join("sdb")).unwrap();
+    std::os::unix::fs::symlink("/dev/null", f.host.dev_root.join("sdb")).unwrap();
+    assert!(matches!(err("sdb", &spec), Error::UnknownDisk { .. }), "a symlink");
+    std::fs::remove_file(f.host.dev_root.join("sdb")).unwrap();
+    use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+    mknod(&f.host.dev_root.join("sdb"), SFlag::S_IFBLK, Mode::from_bits_truncate(0o600), makedev(7, 200)).unwrap();
+    assert!(matches!(err("sdb", &spec), Error::UnknownDisk { .. }), "block device 7:200 is not sdb (8:16)");
+    std::fs::remove_file(f.host.dev_root.join("sdb")).unwrap();
+    mknod(&f.host.dev_root.join("sdb"), SFlag::S_IFBLK, Mode::from_bits_truncate(0o600), makedev(8, 16)).unwrap();
+    // The right node passes the check (and then fails to open: no such device here).
+    let e = err("sdb", &ImageSpec::Stream { len: 1 << 20 });
+    assert!(matches!(e, Error::OpenDisk { .. }), "{e}");
+    std::fs::remove_file(f.host.dev_root.join("sdb")).unwrap();
+    std::fs::File::create(f.host.dev_root.join("sdb")).unwrap().set_len(16 << 30).unwrap();
     let e = err("mmcblk0", &spec);
     assert!(matches!(e, Error::TargetTooSmall { need, have, .. } if need == 64 << 20 && have == 8 << 20), "{e}");
     assert!(matches!(err("sdb", &ImageSpec::Stream { len: 0 }), Error::ImageEmpty));
