@@ -201,10 +201,12 @@ fn refusals_leave_the_target_unchanged() {
     drop(excl);
 
     // Mounted for real: the running system uses it.
-    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&lo.dev));
+    // Fully initialised and mounted read-only: the kernel must not write to it (lazy inode
+    // table init or a journal commit would change the device behind the test's back).
+    run(Command::new("mkfs.ext4").args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"]).arg(&lo.dev));
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    run(Command::new("mount").arg(&lo.dev).arg(&mnt));
+    run(Command::new("mount").args(["-o", "ro"]).arg(&lo.dev).arg(&mnt));
     let _m = Mounted(mnt);
     let e = install(&cfg(dir.path()), ImageSource::File(img.clone()), &good);
     assert!(matches!(e, Error::SystemDisk { .. }), "{e}");
