@@ -58,8 +58,9 @@ fn cgpt_field(img: &Path, n: u32, flag: &str) -> u64 {
 }
 
 /// (priority, tries, successful) from real `cgpt show -i N -P/-T/-S`.
-pub fn cgpt_show(img: &Path, n: u32) -> (u64, u64, bool) {
-    (cgpt_field(img, n, "-P"), cgpt_field(img, n, "-T"), cgpt_field(img, n, "-S") == 1)
+pub fn cgpt_show(img: &Path, n: u32) -> (u8, u8, bool) {
+    let nibble = |v: u64| u8::try_from(v).unwrap_or_else(|_| panic!("cgpt printed {v} for a 4-bit field"));
+    (nibble(cgpt_field(img, n, "-P")), nibble(cgpt_field(img, n, "-T")), cgpt_field(img, n, "-S") == 1)
 }
 
 /// `cgpt show -i N -A` (attributes >> 48).

@@ -1,32 +1,19 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Shared test fixtures: Flatcar-like disk images made with real `sgdisk`, checked with real
 //! `cgpt` and `sgdisk -v`, and a loop-device guard.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use piccolo_bootctl::{BootControl, BootedSource, SlotId};
+pub use piccolo_testkit::disks::{LoopDev, USR_TYPE as USR, cgpt_attrs, cgpt_set, cgpt_show, run, sgdisk_ok};
 
-pub const USR: &str = "5dfbf5f4-2848-4bac-aa5e-0d9a20b745a6";
 /// Partition numbers as on Flatcar: EFI 1, USR-A 3, USR-B 4, ROOT 9.
 pub const A: u32 = 3;
 pub const B: u32 = 4;
 /// Size of each USR partition in the test image.
 pub const USR_BYTES: u64 = 16 << 20;
-
-/// Runs a command, panicking with its output unless it succeeds; returns stdout.
-pub fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Layout of a test OS image: total size, EFI and each USR partition, in MiB.
 #[derive(Clone, Copy)]
@@ -65,63 +52,12 @@ pub fn os_image_with(dir: &Path, name: &str, l: Layout) -> PathBuf {
 
 /// Builds an OS image with sgdisk and cgpt (about a second).
 pub fn make_os_image(dir: &Path, name: &str, l: Layout) -> PathBuf {
-    let p = dir.join(name);
-    let f = std::fs::File::create(&p).unwrap();
-    f.set_len(l.total << 20).unwrap();
-    drop(f);
-    run(Command::new("sgdisk")
-        .args(["-o", "-n", &format!("1:2048:+{}M", l.efi), "-t", "1:ef00", "-c", "1:EFI-SYSTEM"])
-        .args(["-n", &format!("3:0:+{}M", l.usr), "-t", &format!("3:{USR}"), "-c", "3:USR-A"])
-        .args(["-n", &format!("4:0:+{}M", l.usr), "-t", &format!("4:{USR}"), "-c", "4:USR-B"])
-        .args(["-n", "9:0:0", "-t", "9:8300", "-c", "9:ROOT"])
-        .arg(&p));
-    cgpt_set(&p, A, 1, 0, true);
-    p
-}
-
-/// `cgpt add -i N -P -T -S`.
-pub fn cgpt_set(img: &Path, n: u32, p: u8, t: u8, s: bool) {
-    run(Command::new("cgpt")
-        .args([
-            "add",
-            "-i",
-            &n.to_string(),
-            "-P",
-            &p.to_string(),
-            "-T",
-            &t.to_string(),
-            "-S",
-            if s { "1" } else { "0" },
-        ])
-        .arg(img));
-}
-
-fn cgpt_field(img: &Path, n: u32, flag: &str) -> u64 {
-    let out = run(Command::new("cgpt").args(["show", "-i", &n.to_string(), flag]).arg(img));
-    let t = out.trim();
-    match t.strip_prefix("0x") {
-        Some(h) => u64::from_str_radix(h, 16).unwrap(),
-        None => t.parse().unwrap_or_else(|_| panic!("cgpt {flag}: {t:?}")),
-    }
+    piccolo_testkit::disks::os_image(dir, name, l.total, l.efi, l.usr)
 }
 
 /// (priority, tries, successful) as real `cgpt show -i N -P/-T/-S` reports them.
 pub fn cgpt(img: &Path, n: u32) -> (u8, u8, bool) {
-    let p = cgpt_field(img, n, "-P");
-    let t = cgpt_field(img, n, "-T");
-    let s = cgpt_field(img, n, "-S");
-    (u8::try_from(p).unwrap(), u8::try_from(t).unwrap(), s == 1)
-}
-
-/// `cgpt show -A`: attrs >> 48 (includes piccolo's verified bit as 0x200).
-pub fn cgpt_attrs(img: &Path, n: u32) -> u64 {
-    cgpt_field(img, n, "-A")
-}
-
-/// Real `sgdisk -v` must find no problems (both headers, both arrays, CRCs).
-pub fn sgdisk_ok(img: &Path) {
-    let out = run(Command::new("sgdisk").arg("-v").arg(img));
-    assert!(out.contains("No problems found"), "sgdisk -v on {}:\n{out}", img.display());
+    cgpt_show(img, n)
 }
 
 /// Boot control of `img` as if the running system booted `booted`.
@@ -192,33 +128,6 @@ pub fn bytes_at(path: &Path, off: u64, len: u64) -> Vec<u8> {
     let mut b = vec![0u8; usize::try_from(len).unwrap()];
     f.read_exact_at(&mut b, off).unwrap();
     b
-}
-
-/// A loop device over a file, detached on drop.
-pub struct LoopDev {
-    pub dev: PathBuf,
-}
-
-impl LoopDev {
-    pub fn attach(file: &Path) -> LoopDev {
-        let out = run(Command::new("losetup").args(["-f", "--show"]).arg(file));
-        let lo = LoopDev { dev: PathBuf::from(out.trim()) };
-        // Parallel tests (and other suites) attach loop devices too: make sure this one is ours.
-        let backing = std::fs::read_to_string(format!("/sys/block/{}/loop/backing_file", lo.name())).unwrap();
-        assert_eq!(Path::new(backing.trim()), file.canonicalize().unwrap(), "{} is not backed by our file", lo.name());
-        lo
-    }
-
-    /// Kernel name (`loop3`).
-    pub fn name(&self) -> String {
-        self.dev.file_name().unwrap().to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for LoopDev {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
 }
 
 /// Asserts `before` and `after` differ only inside `allowed` (offset, length) ranges.
