@@ -304,3 +304,19 @@ fn production_policy_and_piccoloctl_boot() {
     assert_eq!(cgpt_show(&s.img, USR_A), (1, 0, true));
     sgdisk_ok(&s.img);
 }
+
+/// Without `[boot]` the broker looks for the OS disk behind the running `/usr`; this test
+/// machine has none (overlay, or a disk without USR-A/USR-B): a clear error, no guess.
+#[test]
+fn no_os_disk_on_this_machine_is_a_clear_error() {
+    system_users();
+    let b = Broker::start(BrokerOptions { policy: POLICY.into(), ..Default::default() });
+    rt().block_on(async {
+        let e = client(&b.socket).await.prepare_inactive_slot(PrepareInactiveSlotRequest {}).await.unwrap_err();
+        let clear = (e.code() == Code::Unavailable && e.message().starts_with("cannot find the OS disk"))
+            || (e.code() == Code::FailedPrecondition && e.message().contains("is not an A/B OS disk"));
+        assert!(clear, "{:?}: {}", e.code(), e.message());
+    });
+    let rec = records(&b).into_iter().find(|r| r["rpc"] == "PrepareInactiveSlot" && r["kind"] == "outcome").unwrap();
+    assert_ne!(rec["outcome"]["code"], "ok");
+}
