@@ -92,21 +92,14 @@ pub(crate) struct VersionProbe {
 
 impl KdfRecord {
     pub(crate) fn params(&self) -> KdfParams {
-        KdfParams {
-            m_cost_kib: self.m_cost_kib,
-            t_cost: self.t_cost,
-            p_cost: self.p_cost,
-        }
+        KdfParams { m_cost_kib: self.m_cost_kib, t_cost: self.t_cost, p_cost: self.p_cost }
     }
 }
 
 impl KeysetFile {
     /// Checks every field's shape; cryptographic checks happen at unlock.
     pub(crate) fn validate(&self, path: &Path) -> Result<()> {
-        let bad = |reason: &str| Error::InvalidKeyset {
-            path: path.to_path_buf(),
-            reason: reason.to_string(),
-        };
+        let bad = |reason: &str| Error::InvalidKeyset { path: path.to_path_buf(), reason: reason.to_string() };
         if self.format != KEYSET_FORMAT || self.version != KEYSET_VERSION {
             return Err(Error::UnsupportedKeysetVersion {
                 path: path.to_path_buf(),
@@ -121,15 +114,13 @@ impl KeysetFile {
         check_hex(&self.kdf.salt, SALT_LEN).map_err(|()| bad("kdf.salt"))?;
         check_hex(&self.key_id, KEY_LEN).map_err(|()| bad("key_id"))?;
         check_hex(&self.password_wrap.nonce, NONCE_LEN).map_err(|()| bad("password_wrap.nonce"))?;
-        check_hex(&self.password_wrap.ciphertext, KEY_LEN + TAG_LEN)
-            .map_err(|()| bad("password_wrap.ciphertext"))?;
+        check_hex(&self.password_wrap.ciphertext, KEY_LEN + TAG_LEN).map_err(|()| bad("password_wrap.ciphertext"))?;
         if self.recovery_wrap.kdf != "sha256" {
             return Err(bad("recovery_wrap.kdf must be sha256"));
         }
         check_hex(&self.recovery_wrap.salt, SALT_LEN).map_err(|()| bad("recovery_wrap.salt"))?;
         check_hex(&self.recovery_wrap.nonce, NONCE_LEN).map_err(|()| bad("recovery_wrap.nonce"))?;
-        check_hex(&self.recovery_wrap.ciphertext, KEY_LEN + TAG_LEN)
-            .map_err(|()| bad("recovery_wrap.ciphertext"))?;
+        check_hex(&self.recovery_wrap.ciphertext, KEY_LEN + TAG_LEN).map_err(|()| bad("recovery_wrap.ciphertext"))?;
         if let Some(blob) = &self.tpm_sealed_sdek {
             let bytes = hex::decode(blob).map_err(|_| bad("tpm_sealed_sdek is not hex"))?;
             if bytes.is_empty() || bytes.len() > MAX_TPM_BLOB_BYTES {

@@ -21,6 +21,8 @@ pub enum CrashPoint {
     AfterRename,
     /// The directory is fsynced; the write is complete.
     AfterDirFsync,
+    /// An import is validated and staged, its journal not yet written.
+    ImportBeforeJournal,
     /// An import's swap journal is durable, nothing is swapped yet.
     ImportAfterJournal,
     /// An import has moved one live target aside, its replacement is not in place yet.
@@ -41,6 +43,7 @@ impl CrashPoint {
 
     /// Every crash point of an import swap, in order.
     pub const IMPORT_STEPS: &'static [CrashPoint] = &[
+        CrashPoint::ImportBeforeJournal,
         CrashPoint::ImportAfterJournal,
         CrashPoint::ImportMidSwap,
         CrashPoint::ImportAfterSwap,
@@ -54,6 +57,7 @@ impl CrashPoint {
             CrashPoint::AfterTempFsync => "after-temp-fsync",
             CrashPoint::AfterRename => "after-rename",
             CrashPoint::AfterDirFsync => "after-dir-fsync",
+            CrashPoint::ImportBeforeJournal => "import-before-journal",
             CrashPoint::ImportAfterJournal => "import-after-journal",
             CrashPoint::ImportMidSwap => "import-mid-swap",
             CrashPoint::ImportAfterSwap => "import-after-swap",
@@ -125,9 +129,7 @@ mod enabled {
 }
 
 #[cfg(feature = "test-hooks")]
-pub use enabled::{
-    CRASH_AT_ENV, CRASH_BANNER, CRASH_MODE_ENV, derivation_stats, reset_derivation_stats,
-};
+pub use enabled::{CRASH_AT_ENV, CRASH_BANNER, CRASH_MODE_ENV, derivation_stats, reset_derivation_stats};
 #[cfg(feature = "test-hooks")]
 pub(crate) use enabled::{DerivationGuard, crash_point};
 

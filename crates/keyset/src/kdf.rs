@@ -33,11 +33,7 @@ pub struct KdfParams {
 
 impl KdfParams {
     /// The production choice: 64 MiB, 3 passes, 1 lane. See the crate docs for why.
-    pub const RECOMMENDED: KdfParams = KdfParams {
-        m_cost_kib: 64 * 1024,
-        t_cost: 3,
-        p_cost: 1,
-    };
+    pub const RECOMMENDED: KdfParams = KdfParams { m_cost_kib: 64 * 1024, t_cost: 3, p_cost: 1 };
     /// Smallest memory accepted (8 MiB): below this Argon2id stops being memory-hard in practice.
     pub const MIN_M_COST_KIB: u32 = 8 * 1024;
     /// Largest memory accepted (256 MiB): a key set from elsewhere (an import) must not be able
@@ -56,11 +52,7 @@ impl KdfParams {
         if ok {
             Ok(())
         } else {
-            Err(Error::KdfParamsOutOfRange {
-                m_cost_kib: self.m_cost_kib,
-                t_cost: self.t_cost,
-                p_cost: self.p_cost,
-            })
+            Err(Error::KdfParamsOutOfRange { m_cost_kib: self.m_cost_kib, t_cost: self.t_cost, p_cost: self.p_cost })
         }
     }
 }
@@ -76,21 +68,10 @@ impl Default for KdfParams {
 static KDF_LOCK: Mutex<()> = Mutex::new(());
 
 /// Argon2id(password, salt) -> 256-bit wrapping key. Blocks while another derivation runs.
-pub(crate) fn derive_password_key(
-    params: &KdfParams,
-    password: &Password,
-    salt: &[u8],
-) -> Result<WrapKey> {
+pub(crate) fn derive_password_key(params: &KdfParams, password: &Password, salt: &[u8]) -> Result<WrapKey> {
     params.validate()?;
-    let argon_params = Params::new(
-        params.m_cost_kib,
-        params.t_cost,
-        params.p_cost,
-        Some(KEY_LEN),
-    )
-    .map_err(|e| Error::DeriveKey {
-        reason: e.to_string(),
-    })?;
+    let argon_params = Params::new(params.m_cost_kib, params.t_cost, params.p_cost, Some(KEY_LEN))
+        .map_err(|e| Error::DeriveKey { reason: e.to_string() })?;
     let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, argon_params);
 
     let _serial = KDF_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
@@ -98,16 +79,13 @@ pub(crate) fn derive_password_key(
     // Allocated under the lock so at most one block array exists at a time.
     let mut blocks = vec![Block::default(); argon.params().block_count()];
     let mut key = WrapKey::zeroed();
-    let result =
-        argon.hash_password_into_with_memory(password.as_bytes(), salt, &mut key.0[..], &mut blocks);
+    let result = argon.hash_password_into_with_memory(password.as_bytes(), salt, &mut key.0[..], &mut blocks);
     // The blocks hold password-dependent state; clear them before the allocator reuses them.
     for block in blocks.iter_mut() {
         block.zeroize();
     }
     drop(blocks);
-    result.map_err(|e| Error::DeriveKey {
-        reason: e.to_string(),
-    })?;
+    result.map_err(|e| Error::DeriveKey { reason: e.to_string() })?;
     Ok(key)
 }
 
@@ -135,45 +113,30 @@ pub(crate) fn new_salt() -> Result<[u8; SALT_LEN]> {
 
 /// AES-256-GCM seal of `plaintext` under `key` with a fresh random nonce.
 pub(crate) fn seal(key: &WrapKey, aad: &[u8], plaintext: &[u8]) -> Result<([u8; NONCE_LEN], Vec<u8>)> {
-    let cipher = Aes256Gcm::new_from_slice(&key.0[..]).map_err(|_| Error::DeriveKey {
-        reason: "AES-256 key length".into(),
-    })?;
+    let cipher =
+        Aes256Gcm::new_from_slice(&key.0[..]).map_err(|_| Error::DeriveKey { reason: "AES-256 key length".into() })?;
     let mut nonce = [0u8; NONCE_LEN];
     fill_random(&mut nonce)?;
     let ct = cipher
         .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad })
-        .map_err(|_| Error::DeriveKey {
-            reason: "AES-GCM encryption failed".into(),
-        })?;
+        .map_err(|_| Error::DeriveKey { reason: "AES-GCM encryption failed".into() })?;
     Ok((nonce, ct))
 }
 
 /// AES-256-GCM open; `None` when the key, nonce, AAD or ciphertext do not match.
-pub(crate) fn open(
-    key: &WrapKey,
-    aad: &[u8],
-    nonce: &[u8],
-    ciphertext: &[u8],
-) -> Option<Zeroizing<Vec<u8>>> {
+pub(crate) fn open(key: &WrapKey, aad: &[u8], nonce: &[u8], ciphertext: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
     if nonce.len() != NONCE_LEN {
         return None;
     }
     let cipher = Aes256Gcm::new_from_slice(&key.0[..]).ok()?;
-    cipher
-        .decrypt(Nonce::from_slice(nonce), Payload { msg: ciphertext, aad })
-        .ok()
-        .map(Zeroizing::new)
+    cipher.decrypt(Nonce::from_slice(nonce), Payload { msg: ciphertext, aad }).ok().map(Zeroizing::new)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const FAST: KdfParams = KdfParams {
-        m_cost_kib: KdfParams::MIN_M_COST_KIB,
-        t_cost: 1,
-        p_cost: 1,
-    };
+    const FAST: KdfParams = KdfParams { m_cost_kib: KdfParams::MIN_M_COST_KIB, t_cost: 1, p_cost: 1 };
 
     #[test]
     fn recommended_params_are_in_range() {

@@ -14,8 +14,8 @@ use time::format_description::well_known::Rfc3339;
 use crate::durable::{fsync_dir, write_file_atomic, write_file_new};
 use crate::error::{Error, Result};
 use crate::format::{
-    AAD_PASSWORD, AAD_RECOVERY, KEYSET_FORMAT, KEYSET_VERSION, KdfRecord, KeysetFile,
-    MAX_TPM_BLOB_BYTES, RecoveryWrapRecord, VersionProbe, WrapRecord, unhex,
+    AAD_PASSWORD, AAD_RECOVERY, KEYSET_FORMAT, KEYSET_VERSION, KdfRecord, KeysetFile, MAX_TPM_BLOB_BYTES,
+    RecoveryWrapRecord, VersionProbe, WrapRecord, unhex,
 };
 use crate::kdf::{self, KdfParams};
 use crate::recovery::RecoveryKey;
@@ -44,6 +44,21 @@ pub struct CreatedKeyset {
     pub recovery_key: RecoveryKey,
 }
 
+/// A recovery key drawn and wrapped but not yet written (see
+/// [`Keyset::prepare_recovery_key_rotation`]).
+#[derive(Debug)]
+pub struct PendingRecoveryKey {
+    recovery_key: RecoveryKey,
+    wrap: RecoveryWrapRecord,
+}
+
+impl PendingRecoveryKey {
+    /// The new key, to show the admin before committing.
+    pub fn recovery_key(&self) -> &RecoveryKey {
+        &self.recovery_key
+    }
+}
+
 /// Why a TPM unseal callback failed.
 #[derive(Debug)]
 pub enum TpmUnsealError {
@@ -61,18 +76,14 @@ pub fn keyset_path(state_dir: &Path) -> PathBuf {
 /// The public fingerprint of an SDEK: SHA-256 over a domain tag and the key, hex.
 /// It identifies which SDEK a key set or an export belongs to and reveals nothing usable.
 pub(crate) fn key_id_of(sdek: &Sdek) -> String {
-    let digest = Sha256::new()
-        .chain_update(b"piccolo-keyset v1 key-id\0")
-        .chain_update(sdek.expose_secret())
-        .finalize();
+    let digest =
+        Sha256::new().chain_update(b"piccolo-keyset v1 key-id\0").chain_update(sdek.expose_secret()).finalize();
     hex::encode(digest)
 }
 
 fn now_rfc3339() -> String {
     // Rfc3339 formatting of a UTC timestamp only fails for years outside 0..=9999.
-    OffsetDateTime::now_utc()
-        .format(&Rfc3339)
-        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_string())
+    OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_string())
 }
 
 impl Keyset {
@@ -119,11 +130,7 @@ impl Keyset {
     pub fn read_file(path: &Path) -> Result<Keyset> {
         let read_err = |source| Error::ReadKeyset { path: path.to_path_buf(), source };
         let mut bytes = Vec::new();
-        File::open(path)
-            .map_err(read_err)?
-            .take(MAX_KEYSET_BYTES + 1)
-            .read_to_end(&mut bytes)
-            .map_err(read_err)?;
+        File::open(path).map_err(read_err)?.take(MAX_KEYSET_BYTES + 1).read_to_end(&mut bytes).map_err(read_err)?;
         Keyset::from_bytes(path, &bytes)
     }
 
@@ -176,8 +183,8 @@ impl Keyset {
         let salt = unhex(&self.file.kdf.salt);
         let key = kdf::derive_password_key(&self.file.kdf.params(), password, &salt)?;
         let w = &self.file.password_wrap;
-        let plain = kdf::open(&key, AAD_PASSWORD, &unhex(&w.nonce), &unhex(&w.ciphertext))
-            .ok_or(Error::WrongPassword)?;
+        let plain =
+            kdf::open(&key, AAD_PASSWORD, &unhex(&w.nonce), &unhex(&w.ciphertext)).ok_or(Error::WrongPassword)?;
         self.checked_sdek(&plain, "password wrap")
     }
 
@@ -186,8 +193,8 @@ impl Keyset {
     pub fn unlock_with_recovery_key(&self, recovery_key: &RecoveryKey) -> Result<Sdek> {
         let w = &self.file.recovery_wrap;
         let key = kdf::derive_recovery_key(&unhex(&w.salt), recovery_key.entropy());
-        let plain = kdf::open(&key, AAD_RECOVERY, &unhex(&w.nonce), &unhex(&w.ciphertext))
-            .ok_or(Error::WrongRecoveryKey)?;
+        let plain =
+            kdf::open(&key, AAD_RECOVERY, &unhex(&w.nonce), &unhex(&w.ciphertext)).ok_or(Error::WrongRecoveryKey)?;
         self.checked_sdek(&plain, "recovery wrap")
     }
 
@@ -198,11 +205,8 @@ impl Keyset {
     where
         E: Into<TpmUnsealError>,
     {
-        let blob = self
-            .file
-            .tpm_sealed_sdek
-            .as_deref()
-            .ok_or_else(|| Error::TpmNotEnrolled { path: self.path.clone() })?;
+        let blob =
+            self.file.tpm_sealed_sdek.as_deref().ok_or_else(|| Error::TpmNotEnrolled { path: self.path.clone() })?;
         let secret = unseal(&unhex(blob)).map_err(|e| match e.into() {
             TpmUnsealError::PcrMismatch => Error::TpmPcrChanged,
             TpmUnsealError::Failed(source) => Error::TpmUnseal { source },
@@ -222,13 +226,29 @@ impl Keyset {
         self.write_next(KeysetFile { kdf, password_wrap, ..self.file.clone() })
     }
 
-    /// Replaces the recovery key. Returns the new key, to be shown once; the old one stops working.
+    /// Replaces the recovery key in one step and returns the new key, to be shown once; the old
+    /// key stops working. Prefer [`Keyset::prepare_recovery_key_rotation`] in interactive flows,
+    /// so the new key is shown (and confirmed) before the old one is dropped.
     pub fn rotate_recovery_key(&mut self, sdek: &Sdek) -> Result<RecoveryKey> {
+        let pending = self.prepare_recovery_key_rotation(sdek)?;
+        let PendingRecoveryKey { recovery_key, wrap } = pending;
+        self.write_next(KeysetFile { recovery_wrap: wrap, ..self.file.clone() })?;
+        Ok(recovery_key)
+    }
+
+    /// First half of a rotation: draws a new recovery key and wraps the SDEK under it without
+    /// writing anything. Show [`PendingRecoveryKey::recovery_key`], then call
+    /// [`Keyset::commit_recovery_key_rotation`]. A crash in between leaves the old key valid.
+    pub fn prepare_recovery_key_rotation(&self, sdek: &Sdek) -> Result<PendingRecoveryKey> {
         self.check_sdek(sdek)?;
         let recovery_key = RecoveryKey::generate()?;
-        let recovery_wrap = wrap_recovery(sdek, &recovery_key)?;
-        self.write_next(KeysetFile { recovery_wrap, ..self.file.clone() })?;
-        Ok(recovery_key)
+        let wrap = wrap_recovery(sdek, &recovery_key)?;
+        Ok(PendingRecoveryKey { recovery_key, wrap })
+    }
+
+    /// Second half of a rotation: writes the prepared recovery wrap atomically.
+    pub fn commit_recovery_key_rotation(&mut self, pending: PendingRecoveryKey) -> Result<()> {
+        self.write_next(KeysetFile { recovery_wrap: pending.wrap, ..self.file.clone() })
     }
 
     /// Stores the blob the broker's SealSecret produced for this SDEK (sealed to PCR 7).
@@ -246,11 +266,7 @@ impl Keyset {
     }
 
     fn check_sdek(&self, sdek: &Sdek) -> Result<()> {
-        if key_id_of(sdek) == self.file.key_id {
-            Ok(())
-        } else {
-            Err(Error::SdekMismatch { path: self.path.clone() })
-        }
+        if key_id_of(sdek) == self.file.key_id { Ok(()) } else { Err(Error::SdekMismatch { path: self.path.clone() }) }
     }
 
     fn checked_sdek(&self, plain: &[u8], wrap: &str) -> Result<Sdek> {

@@ -67,13 +67,12 @@ mod recovery;
 mod secret;
 
 pub use archive::{
-    ARCHIVE_FORMAT, ARCHIVE_VERSION, ExportKind, ExportSummary, ImportLimits, ImportReport,
-    MAX_VOLUME_ID_LEN, import, recover_interrupted_import, validate_volume_id, write_export,
-    write_export_file,
+    ARCHIVE_FORMAT, ARCHIVE_VERSION, ExportKind, ExportSummary, ImportLimits, ImportReport, MAX_VOLUME_ID_LEN, import,
+    recover_interrupted_import, validate_volume_id, write_export, write_export_file,
 };
 pub use error::{Error, Result};
 pub use format::{KEYSET_FORMAT, KEYSET_VERSION, MAX_TPM_BLOB_BYTES};
 pub use kdf::KdfParams;
-pub use keyset::{CreatedKeyset, KEYSET_RELATIVE_PATH, Keyset, TpmUnsealError, keyset_path};
+pub use keyset::{CreatedKeyset, KEYSET_RELATIVE_PATH, Keyset, PendingRecoveryKey, TpmUnsealError, keyset_path};
 pub use recovery::{RECOVERY_ENTROPY_BYTES, RECOVERY_SYMBOLS, RecoveryKey};
 pub use secret::{KEY_LEN, MAX_PASSWORD_BYTES, MIN_NEW_PASSWORD_CHARS, Password, Sdek, Secret};

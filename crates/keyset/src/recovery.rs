@@ -67,9 +67,8 @@ impl RecoveryKey {
             if c == '-' || c.is_whitespace() {
                 continue;
             }
-            let value = decode_symbol(c).ok_or(Error::RecoveryKeyMistyped {
-                reason: "character outside the recovery-key alphabet",
-            })?;
+            let value = decode_symbol(c)
+                .ok_or(Error::RecoveryKeyMistyped { reason: "character outside the recovery-key alphabet" })?;
             if n >= RECOVERY_SYMBOLS {
                 return Err(Error::RecoveryKeyMistyped { reason: "too many characters" });
             }
@@ -104,10 +103,7 @@ impl fmt::Debug for RecoveryKey {
 }
 
 fn checksum(entropy: &[u8]) -> [u8; CHECKSUM_BYTES] {
-    let digest = Sha256::new()
-        .chain_update(b"piccolo-keyset v1 recovery-checksum\0")
-        .chain_update(entropy)
-        .finalize();
+    let digest = Sha256::new().chain_update(b"piccolo-keyset v1 recovery-checksum\0").chain_update(entropy).finalize();
     let mut out = [0u8; CHECKSUM_BYTES];
     out.copy_from_slice(&digest[..CHECKSUM_BYTES]);
     out
@@ -199,10 +195,7 @@ mod tests {
             "",
             &"A".repeat(500),
         ] {
-            assert!(
-                matches!(RecoveryKey::parse(bad), Err(Error::RecoveryKeyMistyped { .. })),
-                "{bad:?}"
-            );
+            assert!(matches!(RecoveryKey::parse(bad), Err(Error::RecoveryKeyMistyped { .. })), "{bad:?}");
         }
     }
 

@@ -55,9 +55,7 @@ impl Password {
             return Err(Error::PasswordTooShort { min: 1 });
         }
         if password.len() > MAX_PASSWORD_BYTES {
-            return Err(Error::PasswordTooLong {
-                max: MAX_PASSWORD_BYTES,
-            });
+            return Err(Error::PasswordTooLong { max: MAX_PASSWORD_BYTES });
         }
         Ok(Password(password))
     }
@@ -65,9 +63,7 @@ impl Password {
     /// Checks the length policy for a password about to be set.
     pub(crate) fn check_new(&self) -> Result<()> {
         if self.0.chars().count() < MIN_NEW_PASSWORD_CHARS {
-            return Err(Error::PasswordTooShort {
-                min: MIN_NEW_PASSWORD_CHARS,
-            });
+            return Err(Error::PasswordTooShort { min: MIN_NEW_PASSWORD_CHARS });
         }
         Ok(())
     }
@@ -151,14 +147,8 @@ mod tests {
 
     #[test]
     fn password_bounds() {
-        assert!(matches!(
-            Password::new(String::new()),
-            Err(Error::PasswordTooShort { .. })
-        ));
-        assert!(matches!(
-            Password::new("x".repeat(MAX_PASSWORD_BYTES + 1)),
-            Err(Error::PasswordTooLong { .. })
-        ));
+        assert!(matches!(Password::new(String::new()), Err(Error::PasswordTooShort { .. })));
+        assert!(matches!(Password::new("x".repeat(MAX_PASSWORD_BYTES + 1)), Err(Error::PasswordTooLong { .. })));
         assert!(Password::new("short".into()).unwrap().check_new().is_err());
         assert!(Password::new("long-enough".into()).unwrap().check_new().is_ok());
     }

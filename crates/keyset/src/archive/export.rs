@@ -157,7 +157,14 @@ fn plan(state_dir: &Path, kind: ExportKind, ids: Vec<String>) -> Result<Plan> {
 fn walk(dir: &Path, rel: String, area: Area, entries: &mut Vec<Entry>) -> Result<()> {
     let read_err = |path: &Path, source| Error::ReadTree { path: path.to_path_buf(), source };
     let meta = fs::symlink_metadata(dir).map_err(|e| read_err(dir, e))?;
-    entries.push(Entry { path: rel.clone(), kind: EntryKind::Dir, mode: meta.mode() & 0o777, size: 0, sha256: None, target: None });
+    entries.push(Entry {
+        path: rel.clone(),
+        kind: EntryKind::Dir,
+        mode: meta.mode() & 0o777,
+        size: 0,
+        sha256: None,
+        target: None,
+    });
     let mut names = Vec::new();
     for item in fs::read_dir(dir).map_err(|e| read_err(dir, e))? {
         names.push(item.map_err(|e| read_err(dir, e))?.file_name());
@@ -176,12 +183,26 @@ fn walk(dir: &Path, rel: String, area: Area, entries: &mut Vec<Entry>) -> Result
         } else if ft.is_file() {
             let mut f = open_nofollow(&path).map_err(|e| read_err(&path, e))?;
             let (sha, size) = copy_hashed::<_, io::Sink>(&mut f, None).map_err(|e| read_err(&path, e))?;
-            entries.push(Entry { path: child, kind: EntryKind::File, mode: meta.mode() & 0o777, size, sha256: Some(sha), target: None });
+            entries.push(Entry {
+                path: child,
+                kind: EntryKind::File,
+                mode: meta.mode() & 0o777,
+                size,
+                sha256: Some(sha),
+                target: None,
+            });
         } else if ft.is_symlink() {
             let target = fs::read_link(&path).map_err(|e| read_err(&path, e))?;
             let target = target.to_str().filter(|t| area == Area::Ciphertext && check_symlink_target(t));
             let target = target.ok_or_else(|| unsupported("is a symlink that is not a gocryptfs ciphertext link"))?;
-            entries.push(Entry { path: child, kind: EntryKind::Symlink, mode: 0o777, size: 0, sha256: None, target: Some(target.into()) });
+            entries.push(Entry {
+                path: child,
+                kind: EntryKind::Symlink,
+                mode: 0o777,
+                size: 0,
+                sha256: None,
+                target: Some(target.into()),
+            });
         } else {
             return Err(unsupported("is a device, fifo or socket"));
         }
@@ -194,14 +215,23 @@ fn stream<W: Write>(state_dir: &Path, plan: &Plan, writer: W) -> Result<ExportSu
     let m = &plan.manifest;
     let mut builder = tar::Builder::new(HashingWriter::new(writer));
     let manifest_bytes = serde_json::to_vec_pretty(m).map_err(|e| werr(io::Error::other(e)))?;
-    append(&mut builder, MANIFEST_NAME, tar::EntryType::Regular, 0o600, plan.mtime, &manifest_bytes[..], manifest_bytes.len() as u64)
-        .map_err(werr)?;
+    append(
+        &mut builder,
+        MANIFEST_NAME,
+        tar::EntryType::Regular,
+        0o600,
+        plan.mtime,
+        &manifest_bytes[..],
+        manifest_bytes.len() as u64,
+    )
+    .map_err(werr)?;
     let (mut files, mut dirs, mut symlinks) = (0u64, 0u64, 0u64);
     for e in &m.entries {
         match e.kind {
             EntryKind::Dir => {
                 dirs += 1;
-                append(&mut builder, &e.path, tar::EntryType::Directory, e.mode, plan.mtime, io::empty(), 0).map_err(werr)?;
+                append(&mut builder, &e.path, tar::EntryType::Directory, e.mode, plan.mtime, io::empty(), 0)
+                    .map_err(werr)?;
             }
             EntryKind::Symlink => symlinks += 1,
             EntryKind::File => {
@@ -219,7 +249,8 @@ fn stream<W: Write>(state_dir: &Path, plan: &Plan, writer: W) -> Result<ExportSu
                     }
                 };
                 let mut hashed = HashingReader::new(source);
-                append(&mut builder, &e.path, tar::EntryType::Regular, e.mode, plan.mtime, &mut hashed, e.size).map_err(werr)?;
+                append(&mut builder, &e.path, tar::EntryType::Regular, e.mode, plan.mtime, &mut hashed, e.size)
+                    .map_err(werr)?;
                 let (sha, n) = hashed.finish();
                 if n != e.size || Some(sha) != e.sha256 {
                     return Err(changed());
@@ -230,8 +261,16 @@ fn stream<W: Write>(state_dir: &Path, plan: &Plan, writer: W) -> Result<ExportSu
     let (archive_sha256, archive_bytes) = builder.get_ref().digest_so_far();
     let trailer = Trailer { archive_sha256: archive_sha256.clone(), archive_bytes };
     let trailer_bytes = serde_json::to_vec(&trailer).map_err(|e| werr(io::Error::other(e)))?;
-    append(&mut builder, TRAILER_NAME, tar::EntryType::Regular, 0o600, plan.mtime, &trailer_bytes[..], trailer_bytes.len() as u64)
-        .map_err(werr)?;
+    append(
+        &mut builder,
+        TRAILER_NAME,
+        tar::EntryType::Regular,
+        0o600,
+        plan.mtime,
+        &trailer_bytes[..],
+        trailer_bytes.len() as u64,
+    )
+    .map_err(werr)?;
     let hashing = builder.into_inner().map_err(werr)?;
     let (_, total) = hashing.digest_so_far();
     hashing.into_inner().flush().map_err(werr)?;

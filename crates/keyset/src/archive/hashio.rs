@@ -172,7 +172,7 @@ mod tests {
 
     #[test]
     fn lagging_reader_hashes_all_but_last_block() {
-        let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..5000u32).map(|i| u8::try_from(i % 251).unwrap()).collect();
         for chunk in [1usize, 7, 300, 512, 513, 4096, 10_000] {
             let state = Rc::new(RefCell::new(ChecksumState::default()));
             let mut r = ChecksumReader::new(&data[..], Rc::clone(&state));
@@ -187,7 +187,7 @@ mod tests {
             }
             assert_eq!(out, data);
             let (digest, n) = state.borrow().digest_so_far();
-            assert_eq!(n as usize, data.len() - LAG, "chunk {chunk}");
+            assert_eq!(usize::try_from(n).unwrap(), data.len() - LAG, "chunk {chunk}");
             assert_eq!(digest, hex::encode(Sha256::digest(&data[..data.len() - LAG])), "chunk {chunk}");
         }
     }

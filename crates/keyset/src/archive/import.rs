@@ -8,7 +8,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use std::path::Path;
 use std::rc::Rc;
 
-use super::hashio::{ChecksumState, ChecksumReader, copy_hashed};
+use super::hashio::{ChecksumReader, ChecksumState, copy_hashed};
 use super::manifest::{
     EntryKind, ExportKind, MANIFEST_NAME, MAX_PATH_BYTES, MAX_TRAILER_BYTES, Manifest, TRAILER_NAME, Trailer,
     VersionProbe, check_path_syntax, printable,
@@ -91,7 +91,9 @@ pub fn import<R: Read>(reader: R, state_dir: &Path, limits: &ImportLimits) -> Re
     drop(entry);
     manifest.validate(limits)?;
     let live_keyset = Keyset::read(state_dir).ok();
-    if manifest.kind == ExportKind::Control && live_keyset.as_ref().map(Keyset::key_id) != Some(manifest.key_id.as_str()) {
+    if manifest.kind == ExportKind::Control
+        && live_keyset.as_ref().map(Keyset::key_id) != Some(manifest.key_id.as_str())
+    {
         return Err(Error::KeysetMismatch);
     }
     check_not_mounted(state_dir, &manifest.volumes)?;
@@ -112,7 +114,11 @@ pub fn import<R: Read>(reader: R, state_dir: &Path, limits: &ImportLimits) -> Re
         check_path_syntax(&path)?;
         let kind = entry_kind(&entry, &path)?;
         if path != e.path || kind != e.kind {
-            return Err(rejected(format!("entry {:?} does not match the manifest, expected {:?}", printable(&path), printable(&e.path))));
+            return Err(rejected(format!(
+                "entry {:?} does not match the manifest, expected {:?}",
+                printable(&path),
+                printable(&e.path)
+            )));
         }
         if kind == EntryKind::Dir {
             create_staged_parents(&new_root, &e.path).map_err(stage_err)?;
@@ -137,7 +143,6 @@ pub fn import<R: Read>(reader: R, state_dir: &Path, limits: &ImportLimits) -> Re
         bytes += n;
     }
     check_trailer(&mut entries, &state)?;
-    drop(entries);
     archive.into_inner().drain_zero_padding(1 << 20).map_err(read_err)?;
 
     let keyset_replaced = manifest.kind == ExportKind::Full;
@@ -205,7 +210,8 @@ fn next_item<'a, R: Read>(entries: &mut Entries<'a, R>) -> Result<Option<(String
         while buf.last() == Some(&0) {
             buf.pop();
         }
-        let name = String::from_utf8(buf).map_err(|_| Error::PathRejected { path: "<non-UTF-8>".into(), reason: "is not UTF-8" })?;
+        let name = String::from_utf8(buf)
+            .map_err(|_| Error::PathRejected { path: "<non-UTF-8>".into(), reason: "is not UTF-8" })?;
         long_name = Some(name);
     }
     match long_name {
@@ -242,7 +248,8 @@ fn read_manifest<R: Read>(entry: &mut TarEntry<'_, R>, limits: &ImportLimits) ->
     if bytes.len() as u64 != entry.size() {
         return Err(truncated("the manifest ends early"));
     }
-    let probe: VersionProbe = serde_json::from_slice(&bytes).map_err(|e| rejected(format!("manifest is not valid JSON: {e}")))?;
+    let probe: VersionProbe =
+        serde_json::from_slice(&bytes).map_err(|e| rejected(format!("manifest is not valid JSON: {e}")))?;
     if probe.format != ARCHIVE_FORMAT || probe.version != ARCHIVE_VERSION {
         return Err(Error::UnsupportedArchiveVersion { format: printable(&probe.format), version: probe.version });
     }
@@ -255,14 +262,18 @@ fn check_trailer<R: Read>(entries: &mut Entries<'_, R>, state: &Rc<RefCell<Check
     let (path, mut entry) = next_item(entries)?.ok_or_else(|| truncated("the trailer is missing"))?;
     let (digest, hashed) = state.borrow().digest_so_far();
     if path != TRAILER_NAME || entry_kind(&entry, &path)? != EntryKind::File {
-        return Err(rejected(format!("expected {TRAILER_NAME} after the last manifest entry, found {:?}", printable(&path))));
+        return Err(rejected(format!(
+            "expected {TRAILER_NAME} after the last manifest entry, found {:?}",
+            printable(&path)
+        )));
     }
     if entry.raw_header_position() != hashed || entry.size() > MAX_TRAILER_BYTES {
         return Err(rejected("the trailer is malformed".into()));
     }
     let mut bytes = Vec::new();
     entry.read_to_end(&mut bytes).map_err(read_err)?;
-    let trailer: Trailer = serde_json::from_slice(&bytes).map_err(|e| rejected(format!("trailer is malformed: {e}")))?;
+    let trailer: Trailer =
+        serde_json::from_slice(&bytes).map_err(|e| rejected(format!("trailer is malformed: {e}")))?;
     if trailer.archive_bytes != hashed || trailer.archive_sha256 != digest {
         return Err(Error::ChecksumMismatch);
     }
@@ -304,7 +315,8 @@ fn finish_dirs(new_root: &Path, manifest: &Manifest) -> Result<()> {
 
 /// Refuses while any `mounts/<id>` of an imported volume is a mount point (other st_dev).
 fn check_not_mounted(state_dir: &Path, volumes: &[String]) -> Result<()> {
-    let root_dev = fs::metadata(state_dir).map_err(|source| Error::Stage { path: state_dir.to_path_buf(), source })?.dev();
+    let root_dev =
+        fs::metadata(state_dir).map_err(|source| Error::Stage { path: state_dir.to_path_buf(), source })?.dev();
     for id in volumes {
         let mnt = state_dir.join("mounts").join(id);
         let mounted = match fs::symlink_metadata(&mnt) {
@@ -324,10 +336,8 @@ fn orphans(state_dir: &Path, imported: &[String]) -> Vec<String> {
     let Ok(items) = fs::read_dir(state_dir.join("ciphertext")) else {
         return Vec::new();
     };
-    let mut out: Vec<String> = items
-        .filter_map(|i| i.ok()?.file_name().into_string().ok())
-        .filter(|name| !imported.contains(name))
-        .collect();
+    let mut out: Vec<String> =
+        items.filter_map(|i| i.ok()?.file_name().into_string().ok()).filter(|name| !imported.contains(name)).collect();
     out.sort();
     out
 }

@@ -56,7 +56,10 @@ impl Staging {
         let stage_err = |source| Error::Stage { path: root.clone(), source };
         DirBuilder::new().mode(0o700).create(&root).map_err(stage_err)?;
         let staging = Staging { root, committed: false };
-        DirBuilder::new().mode(0o700).create(staging.new_dir()).map_err(|source| Error::Stage { path: staging.new_dir(), source })?;
+        DirBuilder::new()
+            .mode(0o700)
+            .create(staging.new_dir())
+            .map_err(|source| Error::Stage { path: staging.new_dir(), source })?;
         Ok(staging)
     }
 
@@ -76,8 +79,10 @@ impl Staging {
                 has_new: exists(&self.new_dir().join(t)),
             });
         }
+        crash_point(CrashPoint::ImportBeforeJournal);
         let path = self.root.join(JOURNAL_NAME);
-        let bytes = serde_json::to_vec_pretty(&journal).map_err(|e| Error::Stage { path: path.clone(), source: io::Error::other(e) })?;
+        let bytes = serde_json::to_vec_pretty(&journal)
+            .map_err(|e| Error::Stage { path: path.clone(), source: io::Error::other(e) })?;
         fsync_dir(&self.root).map_err(|source| Error::Stage { path: self.root.clone(), source })?;
         write_file_atomic(&path, &bytes, 0o600).map_err(|source| Error::Stage { path: path.clone(), source })?;
         self.committed = true;
