@@ -23,9 +23,10 @@
 //!   a 1-2 GiB board. Unlock attempts are serialised by a process-wide mutex around the whole
 //!   derivation (including the block allocation), so a burst of concurrent guesses costs
 //!   64 MiB once, never N times; the blocks are zeroed after each derivation.
-//! * Passes: RFC 9106 pairs 64 MiB with t = 3. On a Cortex-A53/A72 class core that is in
-//!   the order of 0.5-1.5 s per unlock, acceptable for an interactive unlock and a real cost
-//!   per offline guess (see the `keyset_bench` figures for this machine).
+//! * Passes: RFC 9106 pairs 64 MiB with t = 3. `keyset_bench` measures about 130 ms per
+//!   unlock on the x86-64 (AMD EPYC) development machine; a Cortex-A53/A72 class board is
+//!   expected (not yet measured) to be several times slower, i.e. well under 2 s: acceptable
+//!   for an interactive unlock and a real per-guess cost for an offline attacker.
 //! * Lanes: p = 1. The RustCrypto implementation runs lanes sequentially without the
 //!   `parallel` feature (and we keep the one core free for serving the portal), so more
 //!   lanes would add time without adding hardness.

@@ -317,8 +317,11 @@ fn unknown_versions_and_structural_lies_are_refused() {
     m[i].data = std::fs::read(keyset_path(other.path())).unwrap();
     let mut man = manifest.clone();
     let e = man["entries"].as_array_mut().unwrap().iter_mut().find(|e| e["path"] == "crypto/keyset.json").unwrap();
+    let old_size = e["size"].as_u64().unwrap();
     e["size"] = m[i].data.len().into();
     e["sha256"] = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&m[i].data)).into();
+    // Keep the totals consistent so only the key-set mismatch is wrong.
+    man["total_bytes"] = (man["total_bytes"].as_u64().unwrap() - old_size + m[i].data.len() as u64).into();
     let err = t.refuse(&craft(&man, &m), &ImportLimits::default());
     assert!(err.to_string().contains("key set"), "{err}");
 }

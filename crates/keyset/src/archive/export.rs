@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::hashio::{HashingReader, HashingWriter, copy_hashed};
+use super::hashio::{CountingReader, HashingWriter, copy_hashed};
 use super::import::ImportLimits;
 use super::manifest::{
     Area, Entry, EntryKind, ExportKind, MANIFEST_NAME, Manifest, TRAILER_NAME, Trailer, check_path_syntax,
@@ -94,11 +94,55 @@ pub fn write_export_file<S: AsRef<str>>(
     result.map(|summary| (path, summary))
 }
 
-/// The manifest plus the key-set bytes it describes (read once, so both passes agree).
+/// The manifest plus what the streaming pass needs to notice a changed tree.
 struct Plan {
     manifest: Manifest,
+    /// `stamps[i]` is the pass-1 identity of `manifest.entries[i]` when it is a tree file.
+    stamps: Vec<Option<FileStamp>>,
+    /// The key set as read once, so the manifest digest and the streamed bytes agree.
     keyset_bytes: Option<Vec<u8>>,
     mtime: u64,
+}
+
+/// Identity and change stamps of a file. The kernel bumps ctime on every write, truncate,
+/// rename or chmod, so an equal stamp before and after a read means the read saw one version.
+/// Pass 2 compares stamps instead of re-hashing (one SHA-256 pass less). Timestamps have the
+/// kernel's coarse-clock granularity, so a same-size rewrite within one tick of the hashing could
+/// slip past; the importer's per-file digest check would then refuse the archive, never restore it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(f: &File) -> io::Result<FileStamp> {
+        let m = f.metadata()?;
+        Ok(FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
+/// Manifest entries and their stamps, built side by side.
+#[derive(Default)]
+struct Collected {
+    entries: Vec<Entry>,
+    stamps: Vec<Option<FileStamp>>,
+}
+
+impl Collected {
+    fn push(&mut self, entry: Entry, stamp: Option<FileStamp>) {
+        self.entries.push(entry);
+        self.stamps.push(stamp);
+    }
 }
 
 fn plan(state_dir: &Path, kind: ExportKind, ids: Vec<String>) -> Result<Plan> {
@@ -107,18 +151,19 @@ fn plan(state_dir: &Path, kind: ExportKind, ids: Vec<String>) -> Result<Plan> {
     let ks_bytes = read_bounded(&ks_path, MAX_KEYSET_BYTES)
         .map_err(|source| Error::ReadKeyset { path: ks_path.clone(), source })?;
     let keyset = Keyset::from_bytes(&ks_path, &ks_bytes)?;
-    let mut entries = Vec::new();
+    let mut out = Collected::default();
     if kind == ExportKind::Full {
         let (sha, size) = copy_hashed::<_, io::Sink>(&mut &ks_bytes[..], None)
             .map_err(|source| Error::ReadTree { path: ks_path.clone(), source })?;
-        entries.push(Entry {
+        let entry = Entry {
             path: KEYSET_RELATIVE_PATH.into(),
             kind: EntryKind::File,
             mode: 0o600,
             size,
             sha256: Some(sha),
             target: None,
-        });
+        };
+        out.push(entry, None);
     }
     for id in &ids {
         let root = state_dir.join("ciphertext").join(id);
@@ -126,15 +171,16 @@ fn plan(state_dir: &Path, kind: ExportKind, ids: Vec<String>) -> Result<Plan> {
             Ok(m) if m.is_dir() => {}
             _ => return Err(Error::MissingVolume { id: id.clone(), path: root }),
         }
-        walk(&root, format!("ciphertext/{id}"), Area::Ciphertext, &mut entries)?;
+        walk(&root, format!("ciphertext/{id}"), Area::Ciphertext, &mut out)?;
         let journal = state_dir.join("volumes").join(id);
         match fs::symlink_metadata(&journal) {
-            Ok(m) if m.is_dir() => walk(&journal, format!("volumes/{id}"), Area::Volumes, &mut entries)?,
+            Ok(m) if m.is_dir() => walk(&journal, format!("volumes/{id}"), Area::Volumes, &mut out)?,
             Ok(_) => return Err(Error::UnsupportedFile { path: journal, reason: "is not a directory" }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(source) => return Err(Error::ReadTree { path: journal, source }),
         }
     }
+    let Collected { entries, stamps } = out;
     let total_bytes = entries.iter().map(|e| e.size).sum();
     let manifest = Manifest {
         format: ARCHIVE_FORMAT.into(),
@@ -150,21 +196,22 @@ fn plan(state_dir: &Path, kind: ExportKind, ids: Vec<String>) -> Result<Plan> {
     manifest.validate(&ImportLimits::default())?;
     let keyset_bytes = (kind == ExportKind::Full).then_some(ks_bytes);
     let mtime = u64::try_from(now.unix_timestamp()).unwrap_or(0);
-    Ok(Plan { manifest, keyset_bytes, mtime })
+    Ok(Plan { manifest, stamps, keyset_bytes, mtime })
 }
 
 /// Appends `dir` (as `rel`) and everything below it, sorted by name, dirs before contents.
-fn walk(dir: &Path, rel: String, area: Area, entries: &mut Vec<Entry>) -> Result<()> {
+fn walk(dir: &Path, rel: String, area: Area, out: &mut Collected) -> Result<()> {
     let read_err = |path: &Path, source| Error::ReadTree { path: path.to_path_buf(), source };
     let meta = fs::symlink_metadata(dir).map_err(|e| read_err(dir, e))?;
-    entries.push(Entry {
+    let entry = Entry {
         path: rel.clone(),
         kind: EntryKind::Dir,
         mode: meta.mode() & 0o777,
         size: 0,
         sha256: None,
         target: None,
-    });
+    };
+    out.push(entry, None);
     let mut names = Vec::new();
     for item in fs::read_dir(dir).map_err(|e| read_err(dir, e))? {
         names.push(item.map_err(|e| read_err(dir, e))?.file_name());
@@ -179,30 +226,30 @@ fn walk(dir: &Path, rel: String, area: Area, entries: &mut Vec<Entry>) -> Result
         let meta = fs::symlink_metadata(&path).map_err(|e| read_err(&path, e))?;
         let ft = meta.file_type();
         if ft.is_dir() {
-            walk(&path, child, area, entries)?;
+            walk(&path, child, area, out)?;
         } else if ft.is_file() {
             let mut f = open_nofollow(&path).map_err(|e| read_err(&path, e))?;
+            let stamp = FileStamp::of(&f).map_err(|e| read_err(&path, e))?;
             let (sha, size) = copy_hashed::<_, io::Sink>(&mut f, None).map_err(|e| read_err(&path, e))?;
-            entries.push(Entry {
-                path: child,
-                kind: EntryKind::File,
-                mode: meta.mode() & 0o777,
-                size,
-                sha256: Some(sha),
-                target: None,
-            });
+            if size != stamp.size || FileStamp::of(&f).ok() != Some(stamp) {
+                return Err(Error::TreeChanged { path });
+            }
+            let mode = meta.mode() & 0o777;
+            let entry = Entry { path: child, kind: EntryKind::File, mode, size, sha256: Some(sha), target: None };
+            out.push(entry, Some(stamp));
         } else if ft.is_symlink() {
             let target = fs::read_link(&path).map_err(|e| read_err(&path, e))?;
             let target = target.to_str().filter(|t| area == Area::Ciphertext && check_symlink_target(t));
             let target = target.ok_or_else(|| unsupported("is a symlink that is not a gocryptfs ciphertext link"))?;
-            entries.push(Entry {
+            let entry = Entry {
                 path: child,
                 kind: EntryKind::Symlink,
                 mode: 0o777,
                 size: 0,
                 sha256: None,
                 target: Some(target.into()),
-            });
+            };
+            out.push(entry, None);
         } else {
             return Err(unsupported("is a device, fifo or socket"));
         }
@@ -226,7 +273,7 @@ fn stream<W: Write>(state_dir: &Path, plan: &Plan, writer: W) -> Result<ExportSu
     )
     .map_err(werr)?;
     let (mut files, mut dirs, mut symlinks) = (0u64, 0u64, 0u64);
-    for e in &m.entries {
+    for (e, stamp) in m.entries.iter().zip(&plan.stamps) {
         match e.kind {
             EntryKind::Dir => {
                 dirs += 1;
@@ -238,21 +285,24 @@ fn stream<W: Write>(state_dir: &Path, plan: &Plan, writer: W) -> Result<ExportSu
                 files += 1;
                 let abs = state_dir.join(&e.path);
                 let changed = || Error::TreeChanged { path: abs.clone() };
+                let mut file = None;
                 let source: Box<dyn Read> = match (&plan.keyset_bytes, e.path == KEYSET_RELATIVE_PATH) {
                     (Some(bytes), true) => Box::new(&bytes[..]),
                     _ => {
                         let f = open_nofollow(&abs).map_err(|_| changed())?;
-                        if f.metadata().map(|md| md.len()).ok() != Some(e.size) {
+                        if FileStamp::of(&f).ok() != *stamp {
                             return Err(changed());
                         }
-                        Box::new(f.take(e.size))
+                        let source = Box::new(f.try_clone().map_err(|_| changed())?.take(e.size));
+                        file = Some(f);
+                        source
                     }
                 };
-                let mut hashed = HashingReader::new(source);
-                append(&mut builder, &e.path, tar::EntryType::Regular, e.mode, plan.mtime, &mut hashed, e.size)
+                let mut counted = CountingReader::new(source);
+                append(&mut builder, &e.path, tar::EntryType::Regular, e.mode, plan.mtime, &mut counted, e.size)
                     .map_err(werr)?;
-                let (sha, n) = hashed.finish();
-                if n != e.size || Some(sha) != e.sha256 {
+                let unchanged = file.is_none_or(|f| FileStamp::of(&f).ok() == *stamp);
+                if counted.count() != e.size || !unchanged {
                     return Err(changed());
                 }
             }
@@ -318,4 +368,53 @@ fn read_bounded(path: &Path, max: u64) -> io::Result<Vec<u8>> {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "file too large"));
     }
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{KdfParams, Password};
+
+    fn state_with_volume() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let fast = KdfParams { m_cost_kib: KdfParams::MIN_M_COST_KIB, t_cost: 1, p_cost: 1 };
+        Keyset::create(dir.path(), &Password::new("a test password".into()).unwrap(), fast).unwrap();
+        fs::create_dir_all(dir.path().join("ciphertext/control")).unwrap();
+        fs::write(dir.path().join("ciphertext/control/data"), vec![1u8; 100_000]).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_file_changed_between_passes_fails_the_export() {
+        for change in ["rewrite same size", "append", "replace"] {
+            let dir = state_with_volume();
+            let plan = plan(dir.path(), ExportKind::Control, vec!["control".into()]).unwrap();
+            let data = dir.path().join("ciphertext/control/data");
+            match change {
+                "rewrite same size" => {
+                    // Timestamps come from the kernel's coarse clock (a few ms): step past a tick,
+                    // as any real writer after the hashing pass would be.
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    fs::write(&data, vec![2u8; 100_000]).unwrap();
+                }
+                "append" => fs::OpenOptions::new().append(true).open(&data).unwrap().write_all(b"x").unwrap(),
+                _ => {
+                    let tmp = dir.path().join("ciphertext/control/tmp");
+                    fs::write(&tmp, vec![1u8; 100_000]).unwrap();
+                    fs::rename(&tmp, &data).unwrap();
+                }
+            }
+            let err = stream(dir.path(), &plan, io::sink()).unwrap_err();
+            assert!(matches!(err, Error::TreeChanged { .. }), "{change}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_unchanged_tree_streams() {
+        let dir = state_with_volume();
+        let plan = plan(dir.path(), ExportKind::Control, vec!["control".into()]).unwrap();
+        let summary = stream(dir.path(), &plan, io::sink()).unwrap();
+        assert_eq!(summary.files, 1);
+        assert_eq!(summary.content_bytes, 100_000);
+    }
 }

@@ -42,28 +42,25 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// Hashes and counts everything read through it.
-pub(crate) struct HashingReader<R> {
+/// Counts the bytes read through it.
+pub(crate) struct CountingReader<R> {
     inner: R,
-    hasher: Sha256,
     bytes: u64,
 }
 
-impl<R: Read> HashingReader<R> {
+impl<R: Read> CountingReader<R> {
     pub(crate) fn new(inner: R) -> Self {
-        HashingReader { inner, hasher: Sha256::new(), bytes: 0 }
+        CountingReader { inner, bytes: 0 }
     }
 
-    /// SHA-256 (hex) and length of everything read.
-    pub(crate) fn finish(self) -> (String, u64) {
-        (hex::encode(self.hasher.finalize()), self.bytes)
+    pub(crate) fn count(&self) -> u64 {
+        self.bytes
     }
 }
 
-impl<R: Read> Read for HashingReader<R> {
+impl<R: Read> Read for CountingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
         self.bytes += n as u64;
         Ok(n)
     }

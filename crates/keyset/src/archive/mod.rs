@@ -14,14 +14,17 @@
 //! ```
 //!
 //! **Manifest first, two passes.** The writer hashes the (quiesced) tree once to build the
-//! manifest, then streams it, re-hashing every file and failing with [`crate::Error::TreeChanged`]
-//! if anything differs. The cost is reading the tree twice (the second read is usually served
-//! from the page cache); the gain is on the import side: the importer knows the full
-//! list of paths, types, sizes and digests before it writes a byte, enforces the caps against
+//! manifest, then streams it. In the streaming pass each file's identity and change stamps
+//! (device, inode, size, mtime, ctime) must equal those taken around its hashing in pass 1,
+//! before and after it is streamed, or the export fails with [`crate::Error::TreeChanged`]; the
+//! importer re-checks every file against its manifest digest anyway, so a change no stamp shows
+//! still cannot produce a silently wrong restore. The cost is reading the tree twice (the second
+//! read is usually served from the page cache); the gain is on the import side: the importer
+//! knows every path, type, size and digest before it writes a byte, enforces the caps against
 //! the manifest, and checks each streamed entry against the next manifest entry as it arrives,
 //! so an unexpected, reordered or oversized entry is refused at once instead of after a full
 //! unpack. A manifest-last layout would need a full staging pass before anything could be
-//! judged.
+//! judged, and would leave the importer trusting header sizes until the end.
 //!
 //! The tar stream holds only regular files and directories. Ciphertext symlinks (gocryptfs
 //! stores a plaintext symlink as a symlink whose target is one base64url name) are carried as
