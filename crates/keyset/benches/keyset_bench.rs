@@ -5,7 +5,8 @@
 //! 2. export of a generated ciphertext-like tree (default 1 GiB, `PICCOLO_BENCH_TREE_MIB`)
 //!    against `tar -cf -` of the same tree in the same run: throughput and peak RSS. Both run as
 //!    child processes writing to a pipe the parent drains; each child's peak RSS is reported by
-//!    GNU `time -f %M` wrapped around it.
+//!    GNU `time -f %M` wrapped around it;
+//! 3. import of that archive into a state dir with the same key set (throughput, peak RSS).
 //!
 //! Run: `CARGO_TARGET_DIR=/work/target-keyset cargo bench -p piccolo-keyset --bench keyset_bench`
 
@@ -27,6 +28,13 @@ fn main() {
         let mut out = BufWriter::with_capacity(256 * 1024, stdout.lock());
         write_export(Path::new(&state), ExportKind::Control, &["control"], &mut out).expect("export");
         out.flush().expect("flush");
+        return;
+    }
+    if std::env::var(ROLE_ENV).ok().as_deref() == Some("import") {
+        let state = std::env::var(STATE_ENV).expect("state dir");
+        let stdin = std::io::stdin();
+        piccolo_keyset::import(stdin.lock(), Path::new(&state), &piccolo_keyset::ImportLimits::default())
+            .expect("import");
         return;
     }
     // `cargo bench` passes `--bench`; anything else (e.g. a filter) is ignored.
@@ -110,6 +118,10 @@ struct Run {
 /// child's `ru_maxrss` with its parent's RSS at fork, so measuring a direct child of this
 /// (Argon2-sized) process would report our RSS, not the child's.
 fn measure(program: &Path, args: &[&std::ffi::OsStr], envs: &[(&str, &Path)]) -> Run {
+    measure_with_stdin(program, args, envs, Stdio::null())
+}
+
+fn measure_with_stdin(program: &Path, args: &[&std::ffi::OsStr], envs: &[(&str, &Path)], stdin: Stdio) -> Run {
     let report = tempfile::NamedTempFile::new().unwrap();
     let mut cmd = Command::new("/usr/bin/time");
     cmd.args(["-f", "%M", "-o"]).arg(report.path()).arg(program).args(args);
@@ -117,8 +129,12 @@ fn measure(program: &Path, args: &[&std::ffi::OsStr], envs: &[(&str, &Path)]) ->
         cmd.env(k, v);
     }
     let start = Instant::now();
-    let mut child =
-        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("/usr/bin/time (package `time`)");
+    let mut child = cmd
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("/usr/bin/time (package `time`)");
     let mut out = child.stdout.take().unwrap();
     let mut buf = vec![0u8; 1 << 20];
     let mut bytes = 0u64;
@@ -188,5 +204,25 @@ fn bench_export() {
         e.wall.as_secs_f64() / t.wall.as_secs_f64(),
         mibps(&e) / mibps(&t),
         e.max_rss_kib as f64 / t.max_rss_kib as f64
+    );
+
+    // Import of the same archive (from a file on stdin) into a state dir holding the same key set.
+    let archive = dir.path().join("bench-export.pcv");
+    let mut f = BufWriter::new(fs::File::create(&archive).unwrap());
+    write_export(state, ExportKind::Control, &["control"], &mut f).unwrap();
+    f.into_inner().unwrap().sync_all().unwrap();
+    let target = tempfile::tempdir_in(dir.path()).unwrap();
+    fs::create_dir_all(target.path().join("crypto")).unwrap();
+    fs::copy(state.join("crypto/keyset.json"), target.path().join("crypto/keyset.json")).unwrap();
+    let stdin = Stdio::from(fs::File::open(&archive).unwrap());
+    let envs = [(ROLE_ENV, Path::new("import")), (STATE_ENV, target.path())];
+    let i = measure_with_stdin(&exe, &[], &envs, stdin);
+    let mib = fs::metadata(&archive).unwrap().len() as f64 / (1u64 << 20) as f64;
+    println!(
+        "piccolo import : {:>6.0} MiB in {:>6.2} s = {:>7.1} MiB/s, peak RSS {:>7} KiB (validate, stage, fsync, swap)",
+        mib,
+        i.wall.as_secs_f64(),
+        mib / i.wall.as_secs_f64(),
+        i.max_rss_kib
     );
 }

@@ -7,7 +7,9 @@ mod common;
 use std::path::Path;
 
 use common::{FAST, Member, PASSWORD, archived_part, craft, dissect, make_state, pw, snapshot};
-use piccolo_keyset::{Error, ExportKind, ImportLimits, Keyset, RecoveryKey, import, keyset_path, write_export};
+use piccolo_keyset::{
+    Error, ExportKind, ImportLimits, Keyset, RecoveryKey, import, keyset_path, write_export, write_export_file,
+};
 use serde_json::Value;
 
 /// The error and its sources, as a log line would show them.
@@ -388,4 +390,40 @@ fn export_refuses_unsupported_trees_and_bad_ids() {
 fn nix_mkfifo(path: &Path) {
     let st = std::process::Command::new("mkfifo").arg(path).status().unwrap();
     assert!(st.success());
+}
+
+#[test]
+fn export_file_is_written_atomically_under_exports_and_imports() {
+    let src = tempfile::tempdir().unwrap();
+    make_state(src.path(), 13);
+    let (path, summary) = write_export_file(src.path(), ExportKind::Full, &["control"]).unwrap();
+    assert_eq!(path, src.path().join("exports/full/full-data.pcv"));
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.len(), summary.archive_bytes);
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o600);
+    let litter: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(litter.is_empty(), "{litter:?}");
+    let dst = tempfile::tempdir().unwrap();
+    import(std::fs::File::open(&path).unwrap(), dst.path(), &ImportLimits::default()).unwrap();
+}
+
+#[test]
+fn restored_modes_never_grant_group_or_other_write() {
+    let (mut manifest, members) = source();
+    for e in manifest["entries"].as_array_mut().unwrap() {
+        if e["type"] != "symlink" {
+            e["mode"] = 0o777.into();
+        }
+    }
+    let dst = tempfile::tempdir().unwrap();
+    import(&craft(&manifest, &members)[..], dst.path(), &ImportLimits::default()).unwrap();
+    for (path, desc) in snapshot(dst.path()) {
+        if path.starts_with("ciphertext/control/") && !desc.starts_with("link") {
+            assert!(desc.starts_with("dir 755") || desc.starts_with("file 755"), "{path}: {desc}");
+        }
+    }
 }

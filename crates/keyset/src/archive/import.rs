@@ -19,6 +19,10 @@ use crate::durable::fsync_dir;
 use crate::error::{Error, Result};
 use crate::keyset::{KEYSET_RELATIVE_PATH, Keyset};
 
+/// Restored modes never grant group or other write: an archive must not be able to open the
+/// ciphertext to tampering by other local users.
+const RESTORED_MODE_MASK: u32 = 0o755;
+
 /// Caps an import enforces before and while reading.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImportLimits {
@@ -121,6 +125,9 @@ pub fn import<R: Read>(reader: R, state_dir: &Path, limits: &ImportLimits) -> Re
             )));
         }
         if kind == EntryKind::Dir {
+            if entry.size() != 0 {
+                return Err(rejected(format!("directory entry {:?} carries data", printable(&path))));
+            }
             create_staged_parents(&new_root, &e.path).map_err(stage_err)?;
             DirBuilder::new().mode(0o700).create(&dest).map_err(stage_err)?;
             continue;
@@ -137,7 +144,7 @@ pub fn import<R: Read>(reader: R, state_dir: &Path, limits: &ImportLimits) -> Re
         if Some(sha) != e.sha256 {
             return Err(Error::DigestMismatch { path: printable(&e.path) });
         }
-        out.set_permissions(fs::Permissions::from_mode(e.mode)).map_err(stage_err)?;
+        out.set_permissions(fs::Permissions::from_mode(e.mode & RESTORED_MODE_MASK)).map_err(stage_err)?;
         out.sync_all().map_err(stage_err)?;
         files += 1;
         bytes += n;
@@ -302,7 +309,7 @@ fn finish_dirs(new_root: &Path, manifest: &Manifest) -> Result<()> {
         let dir = new_root.join(&e.path);
         let stage_err = |source| Error::Stage { path: dir.clone(), source };
         fsync_dir(&dir).map_err(stage_err)?;
-        fs::set_permissions(&dir, fs::Permissions::from_mode(e.mode)).map_err(stage_err)?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(e.mode & RESTORED_MODE_MASK)).map_err(stage_err)?;
     }
     for top in ["crypto", "ciphertext", "volumes"] {
         let dir = new_root.join(top);
