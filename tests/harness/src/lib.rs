@@ -7,4 +7,5 @@
 pub mod bins;
 pub mod broker;
 pub mod disks;
+pub mod swtpm;
 pub mod users;
