@@ -62,6 +62,9 @@ rpcs! {
     ListDisks => ("Disks", false, None),
     PlanInstall => ("Disks", false, None),
     InstallToDisk => ("Disks", true, Some("disks")),
+    GetUpdateEngineStatus => ("UpdateEngine", false, None),
+    WatchUpdateEngine => ("UpdateEngine", false, None),
+    ResetUpdateEngine => ("UpdateEngine", true, None),
 }
 
 impl Rpc {
