@@ -119,10 +119,10 @@ impl SystemBus {
         self.spawn();
     }
 
-    /// Runs `dbus-send --bus=<this bus> --print-reply args...` as `user`.
+    /// Runs `dbus-send --bus=<this bus> args...` as `user`.
     pub fn dbus_send_as(&self, user: &str, args: &[&str]) -> Output {
         let bus = format!("--bus={}", self.address());
-        let mut full = vec![bus.as_str(), "--print-reply", "--reply-timeout=5000"];
+        let mut full = vec![bus.as_str()];
         full.extend_from_slice(args);
         crate::users::run_as(user, Path::new("/usr/bin/dbus-send"), &full)
     }
