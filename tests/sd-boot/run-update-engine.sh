@@ -121,6 +121,21 @@ else
   check "the system bus refuses piccolo-api calling update_engine directly" '[[ "$ds" == *AccessDenied* ]]'
   ds=$(in_ct dbus-send --system --print-reply --dest=com.coreos.update1 /com/coreos/update1 com.coreos.update1.Manager.GetStatus 2>&1)
   check "root may call it" '[[ "$ds" == *UPDATE_STATUS_IDLE* ]]'
+
+  # A broker crash (Restart=on-failure) restarts the chain: update_engine is stopped, the
+  # health check runs again once the broker is back, and only then update_engine restarts.
+  h0=$(show piccolo-health.service ExecMainStartTimestampMonotonic)
+  in_ct sh -c 'kill -9 "$(systemctl show -P MainPID piccolo-broker.service)"'
+  for _ in $(seq 100); do
+    [ "$(show piccolo-broker.service NRestarts)" = 1 ] && [ "$(show update-engine.service ActiveState)" = active ] \
+      && [ "$(show update-engine.service ExecMainStartTimestampMonotonic)" -gt "$u" ] && break
+    sleep 0.1
+  done
+  h1=$(show piccolo-health.service ExecMainStartTimestampMonotonic); h1x=$(show piccolo-health.service ExecMainExitTimestampMonotonic)
+  u1=$(show update-engine.service ExecMainStartTimestampMonotonic)
+  check "broker crash: the broker was restarted once" '[ "$(show piccolo-broker.service NRestarts)" = 1 ]'
+  check "broker crash: the health check ran again ($h0 -> $h1)" '[ "$h1" -gt "$h0" ] && [ "$(show piccolo-health.service Result)" = success ]'
+  check "broker crash: update_engine restarted after the new check ($h1x < $u1)" '[ "$(show update-engine.service ActiveState)" = active ] && [ "$u1" -gt "$h1x" ]'
 fi
 exit $fail
 CHECK
