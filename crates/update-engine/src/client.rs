@@ -50,11 +50,11 @@ impl UpdateEngine {
             Some(a) => zbus::connection::Builder::address(a.as_str()),
             None => zbus::connection::Builder::system(),
         }
-        .map_err(|source| Error::Connect { bus: bus.clone(), source })?;
+        .map_err(|source| Error::Connect { bus: bus.clone(), source: Box::new(source) })?;
         let conn = timeout(CONNECT_TIMEOUT, builder.build())
             .await
             .map_err(|_| Error::ConnectTimeout { bus: bus.clone(), after: CONNECT_TIMEOUT })?
-            .map_err(|source| Error::Connect { bus, source })?;
+            .map_err(|source| Error::Connect { bus, source: Box::new(source) })?;
         tracing::info!(bus = %self.bus(), unique_name = ?conn.unique_name(), "connected to D-Bus for update_engine");
         *cached = Some(conn.clone());
         Ok(conn)

@@ -13,7 +13,7 @@ pub enum Error {
         bus: String,
         /// Cause.
         #[source]
-        source: zbus::Error,
+        source: Box<zbus::Error>,
     },
     /// Connecting took longer than the deadline.
     #[error("connecting to D-Bus {bus} took longer than {after:?}")]
@@ -68,7 +68,7 @@ pub enum Error {
         step: &'static str,
         /// Cause.
         #[source]
-        source: zbus::Error,
+        source: Box<zbus::Error>,
     },
     /// The reply did not have the documented signature.
     #[error("{method}: reply does not match com.coreos.update1.Manager")]
@@ -77,7 +77,7 @@ pub enum Error {
         method: &'static str,
         /// Cause.
         #[source]
-        source: zbus::Error,
+        source: Box<zbus::Error>,
     },
 }
 
@@ -142,9 +142,9 @@ pub(crate) fn call_error(method: &'static str, bus: &str, e: zbus::Error) -> Err
         Some((name, message)) => Error::Call { method, name, message },
         None => match e {
             zbus::Error::Variant(_) | zbus::Error::InvalidReply | zbus::Error::InvalidField => {
-                Error::BadReply { method, source: e }
+                Error::BadReply { method, source: Box::new(e) }
             }
-            e => Error::Disconnected { step: method, source: e },
+            e => Error::Disconnected { step: method, source: Box::new(e) },
         },
     }
 }

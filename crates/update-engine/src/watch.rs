@@ -34,6 +34,10 @@ pub enum Event {
 }
 
 /// A subscription to update_engine's status.
+///
+/// Poll [`Watch::next`] continuously: the bus connection is shared, and once 64 signals are
+/// queued for a watch nobody reads, the connection's reader waits (stalling every call).
+/// The broker moves events into a per-watcher queue of its own as they arrive.
 pub struct Watch {
     initial: Status,
     signals: MessageStream,
@@ -62,7 +66,7 @@ impl UpdateEngine {
 }
 
 async fn open(conn: &zbus::Connection, bus: &str) -> Result<Watch, Error> {
-    let lost = |source| Error::Disconnected { step: "subscribe", source };
+    let lost = |source: zbus::Error| Error::Disconnected { step: "subscribe", source: Box::new(source) };
     let rule = MatchRule::builder()
         .msg_type(Type::Signal)
         .sender(SERVICE)
@@ -175,12 +179,12 @@ impl Watch {
 fn next_msg(m: Option<zbus::Result<Message>>, step: &'static str) -> Result<Message, Error> {
     match m {
         Some(Ok(m)) => Ok(m),
-        Some(Err(source)) => Err(Error::Disconnected { step, source }),
+        Some(Err(source)) => Err(Error::Disconnected { step, source: Box::new(source) }),
         None => Err(Error::Disconnected {
             step,
-            source: zbus::Error::InputOutput(std::sync::Arc::new(std::io::Error::from(
+            source: Box::new(zbus::Error::InputOutput(std::sync::Arc::new(std::io::Error::from(
                 std::io::ErrorKind::ConnectionReset,
-            ))),
+            )))),
         }),
     }
 }

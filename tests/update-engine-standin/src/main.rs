@@ -29,7 +29,6 @@ const PATH: &str = "/com/coreos/update1";
 const INTERFACE: &str = "com.coreos.update1.Manager";
 const IDLE: &str = "UPDATE_STATUS_IDLE";
 const CHECKING: &str = "UPDATE_STATUS_CHECKING_FOR_UPDATE";
-const DOWNLOADING: &str = "UPDATE_STATUS_DOWNLOADING";
 const NEED_REBOOT: &str = "UPDATE_STATUS_UPDATED_NEED_REBOOT";
 /// `kDeltaPercent`.
 const DELTA_PROGRESS: f64 = 0.01;
@@ -114,8 +113,9 @@ fn apply(st: &mut State, new: Status) -> Option<Wire> {
         || old.new_size != s.new_size
         || old.last_checked_time != s.last_checked_time;
     let progressed = (s.progress - old.progress).abs() >= DELTA_PROGRESS;
-    let due = if s.op == DOWNLOADING && old.op == DOWNLOADING { progressed || changed } else { changed || progressed };
-    due.then(|| s.wire())
+    // Progress only moves while DOWNLOADING (BytesReceived), where steps under 1 % are not
+    // broadcast; every other change is a state change and is.
+    (changed || progressed).then(|| s.wire())
 }
 
 struct Manager {
@@ -230,9 +230,7 @@ async fn command(line: &str, state: &Shared, conn: &Connection) -> String {
     }
 }
 
-async fn control(path: PathBuf, state: Shared, conn: Connection) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path)?;
+async fn control(listener: tokio::net::UnixListener, state: Shared, conn: Connection) -> std::io::Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
         let (state, conn) = (state.clone(), conn.clone());
@@ -260,6 +258,14 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         new_size: 0,
     };
     let state: Shared = Arc::new(Mutex::new(State { status, calls: Calls::default(), marker: args.completed_marker }));
+    // Bound before READY is printed, so a test may drive the state as soon as it sees READY.
+    let listener = match &args.control {
+        Some(path) => {
+            let _ = std::fs::remove_file(path);
+            Some(tokio::net::UnixListener::bind(path)?)
+        }
+        None => None,
+    };
     let builder = match &args.address {
         Some(a) => zbus::connection::Builder::address(a.as_str())?,
         None => zbus::connection::Builder::system()?,
@@ -269,8 +275,8 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let w = lock(&state).status.wire();
     broadcast(&conn, &w).await;
     println!("READY {}", conn.unique_name().map(|n| n.to_string()).unwrap_or_default());
-    match args.control {
-        Some(path) => control(path, state, conn).await?,
+    match listener {
+        Some(l) => control(l, state, conn).await?,
         None => std::future::pending::<()>().await,
     }
     Ok(())
