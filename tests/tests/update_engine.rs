@@ -389,3 +389,47 @@ fn forged_status_updates_do_not_reach_watchers() {
         );
     });
 }
+
+#[test]
+fn a_watcher_that_does_not_read_stalls_nobody() {
+    let bus = SystemBus::start();
+    let ue = UpdateEngineStandin::start(&bus);
+    let b = broker_on(POLICY, &bus.address());
+    rt().block_on(async {
+        let mut c = client(&b.socket).await;
+        let mut slow = c.watch_update_engine(WatchUpdateEngineRequest {}).await.unwrap().into_inner();
+        assert_eq!(kind(&next(&mut slow).await), Kind::Current);
+        let mut fast =
+            client(&b.socket).await.watch_update_engine(WatchUpdateEngineRequest {}).await.unwrap().into_inner();
+        assert_eq!(kind(&next(&mut fast).await), Kind::Current);
+
+        // 4,000 state changes while `slow` reads nothing: far more than its queue and the
+        // HTTP/2 windows hold. Both watchers share one bus subscription, whose queue holds 64
+        // signals: had the broker stopped draining `slow`'s, `fast` would stall there too.
+        ue.control("burst 4000");
+        assert!(ue.set("UPDATE_STATUS_UPDATED_NEED_REBOOT", 1.0, "3.0.0", 3));
+        let mut seen = 0;
+        loop {
+            let e = next(&mut fast).await;
+            seen += 1;
+            if e.status.as_ref().is_some_and(|s| s.current_operation == NEED_REBOOT) {
+                break;
+            }
+        }
+        assert!(seen > 64, "the reading watcher got the changes: {seen}");
+        let t = Instant::now();
+        assert_eq!(status(&mut c).await.unwrap().0, NEED_REBOOT);
+        assert!(t.elapsed() < Duration::from_secs(1), "calls are not stalled: {:?}", t.elapsed());
+
+        // The slow one lost the oldest events, says so, and still ends on the latest state.
+        let mut dropped = 0u64;
+        loop {
+            let e = next(&mut slow).await;
+            dropped += u64::from(e.dropped);
+            if e.status.as_ref().is_some_and(|s| s.current_operation == NEED_REBOOT) {
+                break;
+            }
+        }
+        assert!(dropped > 0, "the slow watcher was told it missed events");
+    });
+}

@@ -12,8 +12,8 @@
 //! - at start the state is UPDATED_NEED_REBOOT if the marker exists, else IDLE.
 //!
 //! Tests drive the state through a Unix control socket (`--control`), one command per line:
-//! `set OP [PROGRESS [VERSION [SIZE]]]` (answers `ok broadcast` or `ok quiet`), `status`,
-//! `calls`. Nothing test-only is on the bus.
+//! `set OP [PROGRESS [VERSION [SIZE]]]` (answers `ok broadcast` or `ok quiet`), `burst N`
+//! (N state changes at once), `status`, `calls`. Nothing test-only is on the bus.
 //!
 //! Must never: run on a real system's bus next to a real update_engine.
 
@@ -213,6 +213,22 @@ async fn command(line: &str, state: &Shared, conn: &Connection) -> String {
                 }
                 None => "ok quiet".into(),
             }
+        }
+        ["burst", n] => {
+            // n state changes as fast as the bus takes them (for slow-watcher tests).
+            let Ok(n) = n.parse::<u32>() else { return format!("error bad count {n}") };
+            for i in 0..n {
+                let w = {
+                    let mut st = lock(state);
+                    let op = if i % 2 == 0 { "UPDATE_STATUS_VERIFYING" } else { "UPDATE_STATUS_FINALIZING" };
+                    let new = Status { op: op.into(), ..st.status.clone() };
+                    apply(&mut st, new)
+                };
+                if let Some(w) = w {
+                    broadcast(conn, &w).await;
+                }
+            }
+            "ok broadcast".into()
         }
         ["status"] => {
             let (t, p, op, v, n) = lock(state).status.wire();
