@@ -397,16 +397,30 @@ fn a_watcher_that_does_not_read_stalls_nobody() {
     let b = broker_on(POLICY, &bus.address());
     rt().block_on(async {
         let mut c = client(&b.socket).await;
-        let mut slow = c.watch_update_engine(WatchUpdateEngineRequest {}).await.unwrap().into_inner();
+        // A client with tiny HTTP/2 windows really stops taking data when it stops reading.
+        let path = b.socket.clone();
+        let tiny = tonic::transport::Endpoint::from_static("http://broker.invalid")
+            .initial_stream_window_size(Some(2048))
+            .initial_connection_window_size(Some(4096))
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let p = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?))
+                }
+            }))
+            .await
+            .unwrap();
+        let mut slow =
+            UpdateEngineClient::new(tiny).watch_update_engine(WatchUpdateEngineRequest {}).await.unwrap().into_inner();
         assert_eq!(kind(&next(&mut slow).await), Kind::Current);
         let mut fast =
             client(&b.socket).await.watch_update_engine(WatchUpdateEngineRequest {}).await.unwrap().into_inner();
         assert_eq!(kind(&next(&mut fast).await), Kind::Current);
 
-        // 4,000 state changes while `slow` reads nothing: far more than its queue and the
+        // 2,000 state changes while `slow` reads nothing: far more than its queue and its
         // HTTP/2 windows hold. Both watchers share one bus subscription, whose queue holds 64
         // signals: had the broker stopped draining `slow`'s, `fast` would stall there too.
-        ue.control("burst 4000");
+        ue.control("burst 2000");
         assert!(ue.set("UPDATE_STATUS_UPDATED_NEED_REBOOT", 1.0, "3.0.0", 3));
         let mut seen = 0;
         loop {
