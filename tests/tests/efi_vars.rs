@@ -329,3 +329,66 @@ fn no_efivarfs_is_a_clear_no_efi_error() {
     }
     assert!(!tmp.path().join("no-such-dir").exists(), "nothing was created");
 }
+
+fn out(o: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// The shipped policy with `piccoloctl efi`: root chooses the next boot; workers get
+/// nothing, not even reads.
+#[test]
+fn production_policy_and_piccoloctl_efi() {
+    let fs = Ext4::new(8);
+    let policy = std::fs::read_to_string(repo().join("policy/broker.toml")).unwrap();
+    let b = start(&policy, &fs.mnt);
+    let boot_next = fs.mnt.join(format!("BootNext-{GLOBAL}"));
+
+    let o = b.ctl_as("root", &["efi", "set", "BootNext", "Boot000A"]);
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    assert_eq!(std::fs::read(&boot_next).unwrap(), var_bytes(7, &[0x0a, 0]));
+    chattr(&boot_next, "+i");
+    let o = b.ctl_as("root", &["efi", "set", "BootNext", "3"]);
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    assert_eq!(std::fs::read(&boot_next).unwrap(), var_bytes(7, &[3, 0]));
+    assert!(immutable(&boot_next));
+    let o = b.ctl_as("root", &["efi", "get", "BootNext"]);
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    assert!(out(&o).contains("attributes  0x7") && out(&o).contains("value       Boot0003"), "{}", out(&o));
+
+    let o = b.ctl_as("root", &["efi", "set", "BootOrder", "3,1,Boot0002"]);
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    let o = b.ctl_as("root", &["efi", "get", "BootOrder", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["value"], "Boot0003,Boot0001,Boot0002");
+    assert_eq!(v["data_hex"], "030001000200");
+
+    let o = b.ctl_as("root", &["efi", "set", "LoaderEntryOneShot", "piccolo-usb.conf"]);
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    let one_shot = fs.mnt.join(format!("LoaderEntryOneShot-{SDBOOT}"));
+    assert_eq!(std::fs::read(&one_shot).unwrap(), var_bytes(7, &utf16z("piccolo-usb.conf")));
+    let o = b.ctl_as("root", &["efi", "get", "LoaderEntryOneShot"]);
+    assert!(out(&o).contains("value       piccolo-usb.conf"), "{}", out(&o));
+
+    let before = snapshot(&fs.mnt);
+    for (user, args) in [
+        ("piccolo-api", &["efi", "get", "BootNext"][..]),
+        ("piccolo-updater", &["efi", "set", "BootNext", "1"]),
+        ("piccolo-updater", &["efi", "delete", "LoaderEntryOneShot"]),
+        ("root", &["efi", "set", "Boot0001", "--hex", "0100"]),
+        ("root", &["efi", "set", "BootNext", "1", "--guid", SDBOOT]),
+    ] {
+        let o = b.ctl_as(user, args);
+        assert_eq!(o.status.code(), Some(3), "{user} {args:?}: {}", out(&o));
+        assert!(out(&o).contains("permission denied"), "{}", out(&o));
+    }
+    let o = b.ctl_as("root", &["efi", "set", "BootNext", "--hex", "01", "--attributes", "0x27"]);
+    assert_eq!(o.status.code(), Some(2), "{}", out(&o));
+    assert_eq!(snapshot(&fs.mnt), before, "refused calls changed nothing");
+
+    let o = b.ctl_as("root", &["efi", "delete", "BootNext"]);
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    assert!(!boot_next.exists());
+    let o = b.ctl_as("root", &["efi", "get", "BootNext"]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(out(&o).contains("does not exist"), "{}", out(&o));
+}
