@@ -261,9 +261,12 @@ impl Efivars {
             None => Ok(()),
         };
         match (result, restored) {
-            (Err(e), _) => Err(e),
+            (result, Ok(())) => result,
+            // A flag left cleared needs an operator more than the earlier failure does.
             (Ok(()), Err(source)) => Err(Error::RestoreFlags { path, written: true, source }),
-            (Ok(()), Ok(())) => Ok(()),
+            (Err(e), Err(source)) => {
+                Err(Error::RestoreFlags { path, written: matches!(e, Error::Truncate { .. }), source })
+            }
         }
     }
 
