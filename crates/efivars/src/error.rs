@@ -258,8 +258,10 @@ impl Error {
             // its store is full.
             Write { source, .. } if source.raw_os_error() == Some(libc::EINVAL) => Code::InvalidArgument,
             Write { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => Code::ResourceExhausted,
-            // Created by someone else between our two opens.
-            OpenWrite { source, .. } if source.raw_os_error() == Some(libc::EEXIST) => Code::Aborted,
+            // Created (EEXIST) or deleted (ENOENT) by someone else between our two opens.
+            OpenWrite { source, .. } if matches!(source.raw_os_error(), Some(libc::EEXIST | libc::ENOENT)) => {
+                Code::Aborted
+            }
             Cleanup { write, .. } => write.grpc_code(),
             OpenRoot { .. }
             | OpenRead { .. }

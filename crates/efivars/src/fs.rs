@@ -351,6 +351,12 @@ impl Efivars {
     /// Deletes a variable: clears the immutable flag, checks the name still refers to the
     /// file examined, unlinks. On failure the flag is put back.
     pub fn delete(&self, id: &VarId) -> Result<(), Error> {
+        self.delete_with(id, &mut || ())
+    }
+
+    /// [`Efivars::delete`] with `after_clear` run once the flag is cleared, before the name
+    /// is checked and unlinked (tests replace the file there).
+    pub(crate) fn delete_with(&self, id: &VarId, after_clear: &mut dyn FnMut()) -> Result<(), Error> {
         let name = id.file_name();
         let path = self.path(id);
         let fd = match self.open_ro(&name) {
@@ -361,6 +367,7 @@ impl Efivars {
         };
         let st = self.stat_regular(fd.as_fd(), &path)?;
         let cleared = Self::clear_immutable(&fd, &path)?;
+        after_clear();
         let result = match self.entry_id(&name, &path) {
             Ok(now) if now != (st.st_dev, st.st_ino) => Err(Error::Replaced { path: path.clone() }),
             Ok(_) => unlinkat(&self.dir, name.as_str(), UnlinkatFlags::NoRemoveDir)

@@ -269,3 +269,41 @@ fn links_fifos_and_junk_are_not_followed() {
         Variable { attributes: Attributes(0x0707_0707), data: vec![7; crate::MAX_DATA_BYTES] }
     );
 }
+
+#[test]
+fn replaced_file_is_not_deleted() {
+    let fs = Ext4::new(8);
+    let ev = Efivars::open(&fs.mnt).unwrap();
+    let id = boot_next();
+    let p = file(&fs, &id);
+    std::fs::write(&p, bytes(7, &[1, 0])).unwrap();
+    let original = fs.mnt.join("original");
+    std::fs::hard_link(&p, &original).unwrap();
+    chattr(&p, "+i");
+    let other = fs.mnt.join("other");
+    std::fs::write(&other, bytes(7, &[2, 0])).unwrap();
+    let e = ev.delete_with(&id, &mut || std::fs::rename(&other, &p).unwrap()).unwrap_err();
+    assert!(matches!(e, Error::Replaced { .. }), "{e}");
+    assert_eq!(std::fs::read(&p).unwrap(), bytes(7, &[2, 0]), "the replacement is not deleted");
+    assert!(immutable(&original), "the original's flag is restored");
+}
+
+#[test]
+fn deleted_meanwhile_is_not_recreated() {
+    let fs = Ext4::new(8);
+    let ev = Efivars::open(&fs.mnt).unwrap();
+    let id = boot_next();
+    let p = file(&fs, &id);
+    std::fs::write(&p, bytes(7, &[1, 0])).unwrap();
+    let mut remove = || std::fs::remove_file(&p).unwrap();
+    let e = ev
+        .set_with(
+            &id,
+            Attributes::BOOT_VARIABLE,
+            &[9, 0],
+            &mut Hooks { between_opens: &mut remove, after_create: &mut || () },
+        )
+        .unwrap_err();
+    assert_eq!(e.grpc_code(), Code::Aborted, "{e}");
+    assert!(!p.exists(), "an existing variable's write never creates a file");
+}
