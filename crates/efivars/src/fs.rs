@@ -35,6 +35,16 @@ const SYSFS_MAGIC: u32 = 0x6265_6572;
 /// `FS_IMMUTABLE_FL` from `linux/fs.h`.
 const FS_IMMUTABLE_FL: libc::c_int = 0x10;
 
+/// Serialises writes and deletes within this process: two writers of one variable would
+/// otherwise see each other's cleared flag, and the second could fail to open it for
+/// writing once the first restored the flag.
+static WRITERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn writer_lock() -> std::sync::MutexGuard<'static, ()> {
+    // The guarded data is `()`: a panic in another writer leaves nothing inconsistent here.
+    WRITERS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// What the root turned out to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RootKind {
@@ -235,6 +245,7 @@ impl Efivars {
         }
         let name = id.file_name();
         let path = self.path(id);
+        let _writer = writer_lock();
 
         // Step 2: read-only open; record identity, clear the immutable flag. The fd stays
         // open until the end, so the inode (and its number) cannot be reused meanwhile.
@@ -359,6 +370,7 @@ impl Efivars {
     pub(crate) fn delete_with(&self, id: &VarId, after_clear: &mut dyn FnMut()) -> Result<(), Error> {
         let name = id.file_name();
         let path = self.path(id);
+        let _writer = writer_lock();
         let fd = match self.open_ro(&name) {
             Ok(fd) => fd,
             Err(Errno::ENOENT) => return Err(Error::NotFound { path }),

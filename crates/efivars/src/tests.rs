@@ -307,3 +307,26 @@ fn deleted_meanwhile_is_not_recreated() {
     assert_eq!(e.grpc_code(), Code::Aborted, "{e}");
     assert!(!p.exists(), "an existing variable's write never creates a file");
 }
+
+#[test]
+fn concurrent_writers_all_succeed_and_the_flag_ends_set() {
+    let fs = Ext4::new(8);
+    let ev = Efivars::open(&fs.mnt).unwrap();
+    let id = boot_next();
+    let p = file(&fs, &id);
+    std::fs::write(&p, bytes(7, &[0, 0])).unwrap();
+    chattr(&p, "+i");
+    std::thread::scope(|s| {
+        for t in 0u8..8 {
+            let (ev, id) = (&ev, &id);
+            s.spawn(move || {
+                for _ in 0..20 {
+                    ev.set(id, Attributes::BOOT_VARIABLE, &[t, 0]).unwrap();
+                }
+            });
+        }
+    });
+    assert!(immutable(&p));
+    let v = ev.get(&id).unwrap();
+    assert!(v.data.len() == 2 && v.data[0] < 8 && v.data[1] == 0, "{v:?}");
+}
