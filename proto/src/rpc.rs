@@ -62,6 +62,10 @@ rpcs! {
     ListDisks => ("Disks", false, None),
     PlanInstall => ("Disks", false, None),
     InstallToDisk => ("Disks", true, Some("disks")),
+    CreateVolume => ("Volumes", true, Some("volumes")),
+    MountVolume => ("Volumes", true, Some("volumes")),
+    UnmountVolume => ("Volumes", true, Some("volumes")),
+    VolumeStatus => ("Volumes", false, Some("volumes")),
 }
 
 impl Rpc {

@@ -25,6 +25,14 @@ pub enum Error {
     /// The key does not open the volume (key check or gocryptfs refused it).
     #[error("wrong volume key")]
     WrongKey,
+    /// The caller is not the volume's owner.
+    #[error("volume {id} belongs to uid {owner}")]
+    NotOwner {
+        /// Volume id.
+        id: String,
+        /// The owner recorded at creation.
+        owner: u32,
+    },
     /// The volume is mounted for another user.
     #[error("volume {id} is mounted for uid {owner}")]
     MountedForOther {
@@ -118,7 +126,7 @@ impl Error {
             Error::InvalidId(_) | Error::InvalidKeyLength(_) | Error::InvalidClass(_) => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
             Error::AlreadyExists(_) => Code::AlreadyExists,
-            Error::WrongKey => Code::PermissionDenied,
+            Error::WrongKey | Error::NotOwner { .. } => Code::PermissionDenied,
             Error::MountedForOther { .. } | Error::MountpointNotEmpty(_) | Error::Busy(_) => Code::FailedPrecondition,
             Error::NotADirectory(_)
             | Error::Metadata { .. }

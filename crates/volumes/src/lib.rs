@@ -16,11 +16,17 @@
 //! ```text
 //! ciphertext/                 0700 root
 //!   <id>/                     0700 root
-//!     piccolo.volume.json     0600 root   format, id, class, created, key check
-//!     data/                   0700 root   gocryptfs -init'ed; its mode is the mount root's
+//!     piccolo.volume.json     0600 root   format, id, class, owner, created, key check
+//!     data/                   0700 owner  gocryptfs -init'ed; its mode is the mount root's;
+//!                                         files inside are created as the owner
 //! mounts/                     0755 root
-//!   <id>/                     0700 <owner uid:gid>   empty unless mounted
+//!   <id>/                     0700 owner  empty unless mounted
 //! ```
+//! The owner is the user that created the volume; only it may mount it. gocryptfs runs as
+//! root with `-allow_other` (so other users can reach the mount at all, and the kernel
+//! checks permissions with `default_permissions`) and then creates every file as the
+//! calling user (per-thread setreuid, which needs CAP_SETUID/CAP_SETGID), so the ciphertext
+//! tree belongs to the owner; `ciphertext/<id>/` stays root's 0700, so no one else reaches it.
 //! The gocryptfs password of a volume is the lowercase hex of its 32-byte key, so an
 //! operator can open it by hand: `gocryptfs ciphertext/<id>/data /mnt` and type the hex.
 
@@ -30,7 +36,7 @@ mod id;
 pub mod meta;
 pub mod observe;
 
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -62,7 +68,7 @@ pub struct Status {
     pub pid: Option<u32>,
     /// Mounted but no gocryptfs serves it (killed): the mount is dead and needs repair.
     pub needs_repair: bool,
-    /// The uid files are presented as (from the serving process, or the mountpoint's owner).
+    /// The uid files are presented as (from the serving process; unmounted: the owner).
     pub owner_uid: Option<u32>,
 }
 
@@ -145,10 +151,10 @@ impl Volumes {
         }
     }
 
-    /// Creates volume `id`: `gocryptfs -init` under `key` in a staging directory, the
-    /// metadata beside it, then one rename into `ciphertext/<id>` (all fsynced), so a crash
-    /// leaves either no volume or a complete one.
-    pub fn create(&self, id: &VolumeId, class: Class, key: &Key) -> Result<(), Error> {
+    /// Creates volume `id` owned by `uid:gid`: `gocryptfs -init` under `key` in a staging
+    /// directory, the metadata beside it, then one rename into `ciphertext/<id>` (all
+    /// fsynced), so a crash leaves either no volume or a complete one.
+    pub fn create(&self, id: &VolumeId, class: Class, key: &Key, uid: u32, gid: u32) -> Result<(), Error> {
         class.check_id(id)?;
         let _g = self.guard();
         self.ensure_layout()?;
@@ -174,8 +180,9 @@ impl Volumes {
                 let p = data.join(f);
                 std::fs::File::open(&p).and_then(|f| f.sync_all()).map_err(Error::io("fsync", &p))?;
             }
+            std::os::unix::fs::chown(&data, Some(uid), Some(gid)).map_err(Error::io("chown", &data))?;
             fsync_dir(&data)?;
-            Meta::new(id, class, key).write(&staging)?;
+            Meta::new(id, class, key, uid, gid).write(&staging)?;
             std::fs::rename(&staging, &dir).map_err(Error::io("rename", &dir))?;
             fsync_dir(&parent)
         })();
@@ -185,19 +192,23 @@ impl Volumes {
         result
     }
 
-    /// Mounts volume `id` for `uid:gid` and returns the mountpoint and gocryptfs pid.
+    /// Mounts volume `id` for its owner `uid` and returns the mountpoint and gocryptfs pid.
     ///
-    /// The key is checked against the metadata first, then gocryptfs checks it again
+    /// Another uid is [`Error::NotOwner`]. The key is checked against the metadata first, then gocryptfs checks it again
     /// (a wrong password exits 12); either way [`Error::WrongKey`] and nothing mounted.
     /// Already mounted for the same uid by a live gocryptfs: returns it as is. A dead mount
     /// (gocryptfs gone) is detached first. `mounts/<id>` is made 0700 `uid:gid` and must be
     /// empty.
-    pub fn mount(&self, id: &VolumeId, key: &Key, uid: u32, gid: u32) -> Result<(PathBuf, Option<u32>), Error> {
+    pub fn mount(&self, id: &VolumeId, key: &Key, uid: u32) -> Result<(PathBuf, Option<u32>), Error> {
         let _g = self.guard();
         let meta = self.meta(id)?;
+        if meta.owner_uid != uid {
+            return Err(Error::NotOwner { id: id.to_string(), owner: meta.owner_uid });
+        }
         if !meta.key_matches(key, id) {
             return Err(Error::WrongKey);
         }
+        let gid = meta.owner_gid;
         self.ensure_layout()?;
         let mnt = self.mountpoint(id);
         let data = self.data_dir(id);
@@ -257,10 +268,7 @@ impl Volumes {
         let data = self.data_dir(id);
         let mounted = observe::mounts_on(&mnt).iter().any(|m| m.fstype == observe::FSTYPE);
         let daemon = observe::daemons(&data, &mnt).into_iter().next();
-        let owner_uid = daemon.as_ref().and_then(|d| d.owner_uid).or_else(|| {
-            // Unmounted: the mountpoint directory's own owner (a dead mount cannot be stat'ed).
-            (!mounted).then(|| std::fs::symlink_metadata(&mnt).ok().map(|m| m.uid())).flatten()
-        });
+        let owner_uid = daemon.as_ref().and_then(|d| d.owner_uid).or(Some(meta.owner_uid));
         Status {
             id: id.clone(),
             class: meta.class,

@@ -34,6 +34,11 @@ pub struct Meta {
     pub id: String,
     /// The class.
     pub class: Class,
+    /// The owning user: the creator. gocryptfs (root, `-allow_other`) creates each file as
+    /// the calling user, so the tree belongs to one uid and only it may mount the volume.
+    pub owner_uid: u32,
+    /// The owning user's primary gid at creation.
+    pub owner_gid: u32,
     /// RFC 3339 UTC.
     pub created: String,
     /// Hex HMAC-SHA256 key check.
@@ -70,10 +75,10 @@ pub fn key_check(key: &Key, id: &VolumeId) -> String {
 
 impl Meta {
     /// New metadata for a volume being created.
-    pub fn new(id: &VolumeId, class: Class, key: &Key) -> Meta {
+    pub fn new(id: &VolumeId, class: Class, key: &Key, owner_uid: u32, owner_gid: u32) -> Meta {
         let created =
             time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
-        Meta { format: FORMAT, id: id.to_string(), class, created, key_check: key_check(key, id) }
+        Meta { format: FORMAT, id: id.to_string(), class, owner_uid, owner_gid, created, key_check: key_check(key, id) }
     }
 
     /// Compares the key check in constant time.
@@ -155,7 +160,7 @@ mod tests {
         let other = VolumeId::parse("bootstrap").unwrap();
         let k1 = Key::from_slice(&[1; 32]).unwrap();
         let k2 = Key::from_slice(&[2; 32]).unwrap();
-        let m = Meta::new(&id, Class::Control, &k1);
+        let m = Meta::new(&id, Class::Control, &k1, 0, 0);
         assert!(m.key_matches(&k1, &id));
         assert!(!m.key_matches(&k2, &id));
         assert!(!m.key_matches(&k1, &other));
@@ -165,14 +170,14 @@ mod tests {
     fn write_read_and_refusals() {
         let d = tempfile::tempdir().unwrap();
         let id = VolumeId::parse("app-a").unwrap();
-        let m = Meta::new(&id, Class::Application, &Key::from_slice(&[7; 32]).unwrap());
+        let m = Meta::new(&id, Class::Application, &Key::from_slice(&[7; 32]).unwrap(), 5, 6);
         m.write(d.path()).unwrap();
         let mode = std::os::unix::fs::PermissionsExt::mode(
             &std::fs::metadata(d.path().join(META_FILE)).unwrap().permissions(),
         );
         assert_eq!(mode & 0o777, 0o600);
         let back = Meta::read(d.path(), &id).unwrap();
-        assert_eq!(back.class, Class::Application);
+        assert_eq!((back.class, back.owner_uid, back.owner_gid), (Class::Application, 5, 6));
         assert!(matches!(Meta::read(d.path(), &VolumeId::parse("app-b").unwrap()), Err(Error::Metadata { .. })));
         std::fs::write(d.path().join(META_FILE), "{\"format\":2}").unwrap();
         assert!(matches!(Meta::read(d.path(), &id), Err(Error::Metadata { .. })));

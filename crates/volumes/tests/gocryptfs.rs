@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use piccolo_volumes::{Class, Error, Key, Runner, VolumeId, Volumes, meta};
 
+/// nobody: files in the mount must come out as this uid, not as root.
+const OWNER: u32 = 65534;
+
 fn vols() -> (tempfile::TempDir, Volumes) {
     let d = tempfile::Builder::new().prefix("piccolo-vol-").tempdir().unwrap();
     let v = Volumes::new(d.path().join("state"), Runner::default());
@@ -31,24 +34,24 @@ fn is_mounted(p: &Path) -> bool {
 fn create_mount_write_unmount_remount() {
     let (_d, v) = vols();
     let i = id("control");
-    v.create(&i, Class::Control, &key(1)).unwrap();
-    assert!(matches!(v.create(&i, Class::Control, &key(1)), Err(Error::AlreadyExists(_))));
+    v.create(&i, Class::Control, &key(1), OWNER, OWNER).unwrap();
+    assert!(matches!(v.create(&i, Class::Control, &key(1), OWNER, OWNER), Err(Error::AlreadyExists(_))));
     let vd = v.volume_dir(&i);
     assert_eq!(std::fs::metadata(&vd).unwrap().mode() & 0o777, 0o700);
     assert_eq!(std::fs::metadata(v.data_dir(&i)).unwrap().mode() & 0o777, 0o700);
     assert!(v.data_dir(&i).join("gocryptfs.conf").exists());
     assert_eq!(meta::Meta::read(&vd, &i).unwrap().class, Class::Control);
 
-    let (mnt, pid) = v.mount(&i, &key(1), 65534, 65534).unwrap();
+    let (mnt, pid) = v.mount(&i, &key(1), OWNER).unwrap();
     assert!(pid.is_some());
     assert!(is_mounted(&mnt));
     let root = std::fs::metadata(&mnt).unwrap();
     assert_eq!((root.uid(), root.gid(), root.mode() & 0o777), (65534, 65534, 0o700));
     std::fs::write(mnt.join("f"), b"hello").unwrap();
     assert_eq!(std::fs::metadata(mnt.join("f")).unwrap().uid(), 65534);
-    // Mounting again for the same uid is a no-op; for another uid it is refused.
-    assert_eq!(v.mount(&i, &key(1), 65534, 65534).unwrap().1, pid);
-    assert!(matches!(v.mount(&i, &key(1), 0, 0), Err(Error::MountedForOther { owner: 65534, .. })));
+    // Mounting again for the owner is a no-op; another uid is refused.
+    assert_eq!(v.mount(&i, &key(1), OWNER).unwrap().1, pid);
+    assert!(matches!(v.mount(&i, &key(1), 0), Err(Error::NotOwner { owner: 65534, .. })));
     let st = v.status(&i).unwrap();
     assert!(st.mounted && !st.needs_repair);
     assert_eq!(st.owner_uid, Some(65534));
@@ -60,7 +63,7 @@ fn create_mount_write_unmount_remount() {
     let st = v.status(&i).unwrap();
     assert!(!st.mounted && st.pid.is_none());
 
-    let (mnt, _) = v.mount(&i, &key(1), 65534, 65534).unwrap();
+    let (mnt, _) = v.mount(&i, &key(1), OWNER).unwrap();
     assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"hello");
     v.unmount(&i).unwrap();
 }
@@ -69,12 +72,12 @@ fn create_mount_write_unmount_remount() {
 fn gocryptfs_itself_refuses_a_wrong_key_when_the_check_passes() {
     let (_d, v) = vols();
     let i = id("bootstrap");
-    v.create(&i, Class::Bootstrap, &key(1)).unwrap();
+    v.create(&i, Class::Bootstrap, &key(1), OWNER, OWNER).unwrap();
     // Make the metadata's check accept key 2: only gocryptfs (exit 12) is left to refuse it.
     let mut m = meta::Meta::read(&v.volume_dir(&i), &i).unwrap();
     m.key_check = meta::key_check(&key(2), &i);
     m.write(&v.volume_dir(&i)).unwrap();
-    assert!(matches!(v.mount(&i, &key(2), 0, 0), Err(Error::WrongKey)));
+    assert!(matches!(v.mount(&i, &key(2), OWNER), Err(Error::WrongKey)));
     assert!(!is_mounted(&v.mountpoint(&i)));
     assert!(v.status(&i).unwrap().pid.is_none());
 }
@@ -83,23 +86,23 @@ fn gocryptfs_itself_refuses_a_wrong_key_when_the_check_passes() {
 fn refusals_leave_nothing_mounted() {
     let (_d, v) = vols();
     let i = id("app-x");
-    assert!(matches!(v.create(&i, Class::Control, &key(1)), Err(Error::InvalidClass(_))));
-    assert!(matches!(v.create(&id("x"), Class::Application, &key(1)), Err(Error::InvalidClass(_))));
-    assert!(matches!(v.mount(&i, &key(1), 0, 0), Err(Error::NotFound(_))));
-    v.create(&i, Class::Application, &key(1)).unwrap();
-    assert!(matches!(v.mount(&i, &key(9), 0, 0), Err(Error::WrongKey)));
+    assert!(matches!(v.create(&i, Class::Control, &key(1), OWNER, OWNER), Err(Error::InvalidClass(_))));
+    assert!(matches!(v.create(&id("x"), Class::Application, &key(1), OWNER, OWNER), Err(Error::InvalidClass(_))));
+    assert!(matches!(v.mount(&i, &key(1), OWNER), Err(Error::NotFound(_))));
+    v.create(&i, Class::Application, &key(1), OWNER, OWNER).unwrap();
+    assert!(matches!(v.mount(&i, &key(9), OWNER), Err(Error::WrongKey)));
     assert!(!is_mounted(&v.mountpoint(&i)));
     // Files in an unmounted mountpoint are not hidden under a mount.
     std::fs::create_dir_all(v.mountpoint(&i)).unwrap();
     std::fs::write(v.mountpoint(&i).join("stray"), b"x").unwrap();
-    assert!(matches!(v.mount(&i, &key(1), 0, 0), Err(Error::MountpointNotEmpty(_))));
+    assert!(matches!(v.mount(&i, &key(1), OWNER), Err(Error::MountpointNotEmpty(_))));
     assert!(!is_mounted(&v.mountpoint(&i)));
     std::fs::remove_file(v.mountpoint(&i).join("stray")).unwrap();
     // A symlink in place of the mountpoint is refused, not followed.
     std::fs::remove_dir(v.mountpoint(&i)).unwrap();
     let elsewhere = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(elsewhere.path(), v.mountpoint(&i)).unwrap();
-    assert!(matches!(v.mount(&i, &key(1), 0, 0), Err(Error::NotADirectory(_))));
+    assert!(matches!(v.mount(&i, &key(1), OWNER), Err(Error::NotADirectory(_))));
     assert!(!is_mounted(elsewhere.path()));
     assert_eq!(std::fs::metadata(elsewhere.path()).unwrap().uid(), 0);
 }
@@ -112,7 +115,7 @@ fn a_crashed_create_leaves_no_volume_and_is_cleaned_up() {
     std::fs::create_dir_all(staging.join("data")).unwrap();
     std::fs::write(staging.join("data/junk"), b"half").unwrap();
     assert!(v.list().unwrap().is_empty(), "a staging dir is not a volume");
-    v.create(&i, Class::Application, &key(3)).unwrap();
+    v.create(&i, Class::Application, &key(3), OWNER, OWNER).unwrap();
     assert!(!staging.exists());
     assert_eq!(v.list().unwrap().len(), 1);
 }
@@ -121,8 +124,8 @@ fn a_crashed_create_leaves_no_volume_and_is_cleaned_up() {
 fn killed_gocryptfs_is_needs_repair_and_remount_repairs() {
     let (_d, v) = vols();
     let i = id("app-kill");
-    v.create(&i, Class::Application, &key(4)).unwrap();
-    let (mnt, pid) = v.mount(&i, &key(4), 65534, 65534).unwrap();
+    v.create(&i, Class::Application, &key(4), OWNER, OWNER).unwrap();
+    let (mnt, pid) = v.mount(&i, &key(4), OWNER).unwrap();
     std::fs::write(mnt.join("f"), b"kept").unwrap();
     let pid = i32::try_from(pid.unwrap()).unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
@@ -133,7 +136,7 @@ fn killed_gocryptfs_is_needs_repair_and_remount_repairs() {
     }
     let st = v.status(&i).unwrap();
     assert!(st.mounted && st.needs_repair, "{st:?}");
-    let (mnt, pid2) = v.mount(&i, &key(4), 65534, 65534).unwrap();
+    let (mnt, pid2) = v.mount(&i, &key(4), OWNER).unwrap();
     assert!(pid2.is_some());
     assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"kept");
     let st = v.status(&i).unwrap();
@@ -146,8 +149,8 @@ fn killed_gocryptfs_is_needs_repair_and_remount_repairs() {
 fn busy_mount_is_refused_then_unmounts() {
     let (_d, v) = vols();
     let i = id("app-busy");
-    v.create(&i, Class::Application, &key(5)).unwrap();
-    let (mnt, _) = v.mount(&i, &key(5), 0, 0).unwrap();
+    v.create(&i, Class::Application, &key(5), OWNER, OWNER).unwrap();
+    let (mnt, _) = v.mount(&i, &key(5), OWNER).unwrap();
     let f = std::fs::File::create(mnt.join("open")).unwrap();
     assert!(matches!(v.unmount(&i), Err(Error::Busy(_))));
     assert!(v.status(&i).unwrap().mounted);
