@@ -438,3 +438,22 @@ async fn killed_gocryptfs_is_needs_repair_and_remount_works() {
     let st = status(&mut apps, "app-k").await.unwrap();
     assert!(!st[0].mounted && !st[0].needs_repair);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mounts_survive_a_broker_restart() {
+    let mut b = start(TEST_POLICY);
+    let key = random(32);
+    let mut api = client(&b, "piccolo-api").await;
+    create(&mut api, "bootstrap", VolumeClass::Bootstrap, &key).await.unwrap();
+    let (mnt, pid) = mount(&mut api, "bootstrap", &key).await.unwrap();
+    drop(api);
+    assert!(b.stop().success());
+    b.restart();
+    // The daemon was not the broker's to kill; the new broker finds it.
+    let mut api = client(&b, "piccolo-api").await;
+    let st = status(&mut api, "bootstrap").await.unwrap();
+    assert!(st[0].mounted && !st[0].needs_repair && st[0].gocryptfs_pid == pid, "{st:?}");
+    assert_eq!(mount(&mut api, "bootstrap", &key).await.unwrap(), (mnt.clone(), pid));
+    unmount(&mut api, "bootstrap").await.unwrap();
+    assert_eq!(gocryptfs_mounts_on(Path::new(&mnt)), 0);
+}

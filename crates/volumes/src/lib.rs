@@ -85,9 +85,11 @@ pub(crate) fn fsync_dir(dir: &Path) -> Result<(), Error> {
     std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(Error::io("fsync", dir))
 }
 
-/// Makes `path` a real directory (not a symlink) with `mode`, owned by root.
-fn ensure_root_dir(path: &Path, mode: u32) -> Result<(), Error> {
+/// Makes `path` a real directory (not a symlink), created with `mode` if missing; with
+/// `enforce`, an existing one gets `mode` too.
+fn ensure_root_dir(path: &Path, mode: u32, enforce: bool) -> Result<(), Error> {
     match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() && !enforce => return Ok(()),
         Ok(m) if m.is_dir() => {}
         Ok(_) => return Err(Error::NotADirectory(path.to_path_buf())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -136,9 +138,12 @@ impl Volumes {
         if !self.state_dir.is_absolute() {
             return Err(Error::NotADirectory(self.state_dir.clone()));
         }
-        ensure_root_dir(&self.state_dir, 0o755)?;
-        ensure_root_dir(&self.state_dir.join(CIPHERTEXT_DIR), 0o700)?;
-        ensure_root_dir(&self.state_dir.join(MOUNTS_DIR), 0o755)
+        // The state dir is shared with the persistence owner: created if missing, else left
+        // as the image (tmpfiles.d) made it. Workers must be able to traverse it to reach
+        // their mountpoints.
+        ensure_root_dir(&self.state_dir, 0o755, false)?;
+        ensure_root_dir(&self.state_dir.join(CIPHERTEXT_DIR), 0o700, true)?;
+        ensure_root_dir(&self.state_dir.join(MOUNTS_DIR), 0o755, true)
     }
 
     fn meta(&self, id: &VolumeId) -> Result<Meta, Error> {
