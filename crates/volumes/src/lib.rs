@@ -199,8 +199,9 @@ impl Volumes {
 
     /// Mounts volume `id` for its owner `uid` and returns the mountpoint and gocryptfs pid.
     ///
-    /// Another uid is [`Error::NotOwner`]. The key is checked against the metadata first, then gocryptfs checks it again
-    /// (a wrong password exits 12); either way [`Error::WrongKey`] and nothing mounted.
+    /// Another uid is [`Error::NotOwner`]. The key is checked against the metadata first,
+    /// then gocryptfs checks it again (a wrong password exits 12); either way
+    /// [`Error::WrongKey`] and nothing mounted.
     /// Already mounted for the same uid by a live gocryptfs: returns it as is. A dead mount
     /// (gocryptfs gone) is detached first. `mounts/<id>` is made 0700 `uid:gid` and must be
     /// empty.
