@@ -66,6 +66,17 @@ fn start(policy: &str) -> Broker {
     b
 }
 
+/// Detaches whatever a test left mounted under the broker's state dir (also on panic).
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for e in std::fs::read_dir(self.0.join("mounts")).into_iter().flatten().flatten() {
+            let _ = nix::mount::umount2(&e.path(), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
 fn state(b: &Broker) -> PathBuf {
     b.path("state")
 }
@@ -185,6 +196,7 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_mounts_its_private_volume_and_nothing_leaks() {
     let b = start(TEST_POLICY);
+    let _c = Cleanup(state(&b));
     let key = random(32);
     let key_hex = hex::encode(&key);
     let marker = format!("piccolo-marker-{}", hex::encode(random(12)));
@@ -280,6 +292,7 @@ async fn worker_mounts_its_private_volume_and_nothing_leaks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_key_is_refused_and_nothing_is_mounted() {
     let b = start(TEST_POLICY);
+    let _c = Cleanup(state(&b));
     let key = random(32);
     let mut api = client(&b, "piccolo-api").await;
     create(&mut api, "control", VolumeClass::Control, &key).await.unwrap();
@@ -311,6 +324,7 @@ async fn wrong_key_is_refused_and_nothing_is_mounted() {
 async fn shipped_policy_denies_foreign_ids_and_audits_it() {
     let policy = std::fs::read_to_string(repo().join("policy/broker.toml")).unwrap();
     let b = start(&policy);
+    let _c = Cleanup(state(&b));
     let key = random(32);
     let mut api = client(&b, "piccolo-api").await;
     let mut apps = client(&b, "piccolo-apps").await;
@@ -354,6 +368,7 @@ async fn shipped_policy_denies_foreign_ids_and_audits_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_ids_are_invalid_and_create_nothing() {
     let b = start(TEST_POLICY);
+    let _c = Cleanup(state(&b));
     let key = random(32);
     let mut root = client(&b, "root").await;
     let mut apps = client(&b, "piccolo-apps").await;
@@ -396,6 +411,7 @@ async fn bad_ids_are_invalid_and_create_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_gocryptfs_is_needs_repair_and_remount_works() {
     let b = start(TEST_POLICY);
+    let _c = Cleanup(state(&b));
     let key = random(32);
     let mut apps = client(&b, "piccolo-apps").await;
     create(&mut apps, "app-k", VolumeClass::Application, &key).await.unwrap();
@@ -442,6 +458,7 @@ async fn killed_gocryptfs_is_needs_repair_and_remount_works() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mounts_survive_a_broker_restart() {
     let mut b = start(TEST_POLICY);
+    let _c = Cleanup(state(&b));
     let key = random(32);
     let mut api = client(&b, "piccolo-api").await;
     create(&mut api, "bootstrap", VolumeClass::Bootstrap, &key).await.unwrap();

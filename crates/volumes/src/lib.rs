@@ -291,11 +291,18 @@ impl Volumes {
         use nix::mount::{MntFlags, umount2};
         let mnt = &st.mountpoint;
         // Stacked mounts (should not happen) are peeled one at a time.
-        for _ in 0..observe::mounts_on(mnt).len() {
+        let mut busy_retries = 0;
+        while !observe::mounts_on(mnt).is_empty() {
             let flags = if st.needs_repair { MntFlags::MNT_DETACH } else { MntFlags::empty() };
             match umount2(mnt.as_path(), flags) {
                 Ok(()) => {}
                 Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => break,
+                // A reference can be transient (a file closed a moment ago, a process forked
+                // while holding one): retry for about a second before calling it busy.
+                Err(nix::errno::Errno::EBUSY) if busy_retries < 20 => {
+                    busy_retries += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
                 Err(nix::errno::Errno::EBUSY) => return Err(Error::Busy(id.to_string())),
                 Err(source) => return Err(Error::Unmount { path: mnt.clone(), source }),
             }

@@ -12,10 +12,22 @@ use piccolo_volumes::{Class, Error, Key, Runner, VolumeId, Volumes, meta};
 /// nobody: files in the mount must come out as this uid, not as root.
 const OWNER: u32 = 65534;
 
-fn vols() -> (tempfile::TempDir, Volumes) {
+/// Unmounts whatever a test left mounted (also when it panicked), before the temp dir goes.
+struct Cleanup(tempfile::TempDir);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let mounts = self.0.path().join("state/mounts");
+        for e in std::fs::read_dir(&mounts).into_iter().flatten().flatten() {
+            let _ = nix::mount::umount2(&e.path(), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+fn vols() -> (Cleanup, Volumes) {
     let d = tempfile::Builder::new().prefix("piccolo-vol-").tempdir().unwrap();
     let v = Volumes::new(d.path().join("state"), Runner::default());
-    (d, v)
+    (Cleanup(d), v)
 }
 
 fn id(s: &str) -> VolumeId {
@@ -157,4 +169,25 @@ fn busy_mount_is_refused_then_unmounts() {
     drop(f);
     v.unmount(&i).unwrap();
     assert!(!is_mounted(&mnt));
+}
+
+#[test]
+fn concurrent_mounts_of_one_volume_make_one_mount() {
+    let (_d, v) = vols();
+    let i = id("app-race");
+    v.create(&i, Class::Application, &key(6), OWNER, OWNER).unwrap();
+    let results: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4).map(|_| s.spawn(|| v.mount(&i, &key(6), OWNER))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let pids: Vec<_> = results.into_iter().map(|r| r.unwrap().1).collect();
+    assert!(pids.iter().all(|p| p.is_some() && *p == pids[0]), "{pids:?}");
+    assert_eq!(piccolo_volumes::observe::mounts_on(&v.mountpoint(&i)).len(), 1);
+    std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4).map(|_| s.spawn(|| v.unmount(&i))).collect();
+        for h in hs {
+            h.join().unwrap().unwrap();
+        }
+    });
+    assert!(!is_mounted(&v.mountpoint(&i)));
 }
