@@ -8,6 +8,7 @@ mod audit;
 mod boot;
 mod broker;
 mod disks;
+mod efi;
 mod output;
 mod update_engine;
 
@@ -54,6 +55,9 @@ enum Cmd {
     },
     /// Install an OS image onto another disk (dry run with --plan).
     Install(disks::InstallArgs),
+    /// EFI variables the broker policy allows (BootNext, LoaderEntryOneShot, ...).
+    #[command(subcommand)]
+    Efi(efi::EfiCmd),
     /// Flatcar's update_engine: status, live status changes, reset.
     #[command(subcommand)]
     UpdateEngine(update_engine::UpdateEngineCmd),
@@ -92,6 +96,7 @@ fn main() -> ExitCode {
             Cmd::Boot(cmd) => boot::run(&socket, cmd).await,
             Cmd::Disks { json } => disks::list(&socket, json).await,
             Cmd::Install(a) => disks::install(&socket, a).await,
+            Cmd::Efi(cmd) => efi::run(&socket, cmd).await,
             Cmd::UpdateEngine(cmd) => update_engine::run(&socket, cmd).await,
         }
     });
