@@ -137,15 +137,6 @@ pub async fn serve(ctx: Shared, listener: UnixListener) -> Result<(), tonic::tra
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(signals(ctx.clone(), stop_tx));
-    if let Some(every) = notify::watchdog_interval() {
-        tokio::spawn(async move {
-            let mut t = tokio::time::interval(every);
-            loop {
-                t.tick().await;
-                notify::notify("WATCHDOG=1");
-            }
-        });
-    }
 
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(64))
@@ -160,6 +151,16 @@ pub async fn serve(ctx: Shared, listener: UnixListener) -> Result<(), tonic::tra
     let status =
         format!("READY=1\nSTATUS=serving on {} (policy {})", ctx.config.socket.display(), &ctx.policy().sha256()[..12]);
     notify::notify(&status);
+    // Pings start only after READY=1, so the first message systemd sees is the readiness.
+    if let Some(every) = notify::watchdog_interval() {
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(every);
+            loop {
+                t.tick().await;
+                notify::notify("WATCHDOG=1");
+            }
+        });
+    }
     tracing::info!(socket = %ctx.config.socket.display(), "serving");
 
     let mut server = std::pin::pin!(server);
