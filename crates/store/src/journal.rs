@@ -178,8 +178,9 @@ const SELECT: &str = "SELECT revision, at, actor, kind, subject, payload_sha256,
 pub(crate) fn read_after(conn: &rusqlite::Connection, after: u64, limit: u32) -> Result<Vec<Revision>> {
     let op = "read_revisions";
     let after = i64::try_from(after).unwrap_or(i64::MAX);
-    let mut stmt =
-        conn.prepare_cached(&format!("{SELECT} WHERE revision > ?1 ORDER BY revision LIMIT ?2")).map_err(Error::query(op))?;
+    let mut stmt = conn
+        .prepare_cached(&format!("{SELECT} WHERE revision > ?1 ORDER BY revision LIMIT ?2"))
+        .map_err(Error::query(op))?;
     let rows = stmt.query_map(params![after, limit], Revision::from_row).map_err(Error::query(op))?;
     rows.collect::<rusqlite::Result<Vec<_>>>().map_err(Error::query(op))
 }

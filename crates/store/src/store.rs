@@ -60,7 +60,11 @@ struct Db {
 
 impl Db {
     /// Runs `f` in an IMMEDIATE transaction and commits; refuses on a follower.
-    fn write<R>(&mut self, op: &'static str, f: impl FnOnce(&rusqlite::Transaction<'_>, &str) -> Result<R>) -> Result<R> {
+    fn write<R>(
+        &mut self,
+        op: &'static str,
+        f: impl FnOnce(&rusqlite::Transaction<'_>, &str) -> Result<R>,
+    ) -> Result<R> {
         if self.role == Role::Follower {
             return Err(Error::NotLeader);
         }
@@ -195,7 +199,7 @@ impl Store {
 
     /// `PRAGMA user_version` of the open database.
     pub async fn read_schema_version(&self) -> Result<u32> {
-        self.read(|c| schema::user_version(c)).await
+        self.read(schema::user_version).await
     }
 
     // ---- revision journal -----------------------------------------------------------
@@ -259,8 +263,7 @@ impl Store {
     ) -> Result<(Revision, SessionRecord)> {
         let (actor, id, subject, expires) =
             (actor.to_string(), Zeroizing::new(session_id.to_string()), subject.to_string(), expires.to_string());
-        self.write("write_session", move |tx, at| repos::write_session(tx, at, &actor, &id, &subject, &expires))
-            .await
+        self.write("write_session", move |tx, at| repos::write_session(tx, at, &actor, &id, &subject, &expires)).await
     }
 
     /// Revokes a session.
