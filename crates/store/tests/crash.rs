@@ -36,7 +36,7 @@ fn writer(db: PathBuf, start: u64) {
         store.open(&db, Role::Leader).await.unwrap();
         let mut out = std::io::stdout().lock();
         for i in start.. {
-            let rev = if i % 2 == 0 {
+            let rev = if i.is_multiple_of(2) {
                 let app = AppWrite {
                     name: format!("app-{i}"),
                     spec: format!("name: app-{i}\n{}", "x".repeat((i % 17) as usize * 100)),
@@ -68,10 +68,10 @@ impl Rng {
 }
 
 fn parent() {
-    let seed = std::env::var("PICCOLO_STORE_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1);
+    let seed = std::env::var("PICCOLO_STORE_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        u64::try_from(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() % (1 << 63)).unwrap()
+            | 1
+    });
     println!("store crash test: {ROUNDS} rounds, seed {seed} (PICCOLO_STORE_CRASH_SEED to repeat)");
     let mut rng = Rng(seed);
     let dir = tempfile::tempdir().unwrap();
@@ -112,7 +112,7 @@ fn parent() {
         assert!(!status.success(), "round {round}: writer was killed");
         next = acked.last().map(|a| a.0 + 1).unwrap_or(0) + 1;
         verify(&db, &acked, round);
-        if round % 25 == 0 {
+        if round.is_multiple_of(25) {
             println!("round {round}: {round_acks} acks this round, {} total", acked.len());
         }
     }
@@ -149,7 +149,7 @@ fn verify(db: &Path, acked: &[(u64, u64)], round: usize) {
                 Ok((r.get(0)?, r.get(1)?))
             })
             .unwrap_or_else(|e| panic!("round {round}: acknowledged revision {rev} (write {i}) missing: {e}"));
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             assert_eq!((kind.as_str(), subject.as_str()), ("app.write", format!("app-{i}").as_str()));
             let status: String = conn
                 .query_row("SELECT status FROM apps WHERE name = ?1", [format!("app-{i}")], |r| r.get(0))
@@ -168,7 +168,7 @@ fn verify(db: &Path, acked: &[(u64, u64)], round: usize) {
     drop(conn);
     // The journal chain verifies through the store itself (every fifth round, to also cover
     // kills of a writer that starts from a checkpointed, truncated WAL).
-    if round % 5 == 0 {
+    if round.is_multiple_of(5) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let store = Store::locked();
