@@ -91,7 +91,11 @@ pub trait VolumeBackend: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), BrokerError>>;
 
     /// Mounts `volume_id` with `key` (verified by the backend) and returns the mountpoint.
-    fn mount_volume<'a>(&'a self, volume_id: &'a str, key: &'a VolumeKey) -> BoxFuture<'a, Result<PathBuf, BrokerError>>;
+    fn mount_volume<'a>(
+        &'a self,
+        volume_id: &'a str,
+        key: &'a VolumeKey,
+    ) -> BoxFuture<'a, Result<PathBuf, BrokerError>>;
 
     /// Unmounts `volume_id`; an unmounted volume is not an error.
     fn unmount_volume<'a>(&'a self, volume_id: &'a str) -> BoxFuture<'a, Result<(), BrokerError>>;

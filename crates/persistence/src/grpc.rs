@@ -24,10 +24,14 @@ pub struct GrpcBroker {
 impl GrpcBroker {
     /// Connects to the broker socket (e.g. [`piccolo_proto::client::default_socket`]).
     pub async fn connect(socket: &Path) -> Result<GrpcBroker, BrokerError> {
-        let channel = piccolo_proto::client::connect_unix(socket)
-            .await
-            .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+        let channel =
+            piccolo_proto::client::connect_unix(socket).await.map_err(|e| BrokerError::Unavailable(e.to_string()))?;
         Ok(GrpcBroker { channel })
+    }
+
+    /// Uses an existing channel (e.g. one whose connector connects as another user in tests).
+    pub fn from_channel(channel: Channel) -> GrpcBroker {
+        GrpcBroker { channel }
     }
 
     fn volumes(&self) -> v1::volumes_client::VolumesClient<Channel> {
@@ -89,7 +93,11 @@ impl VolumeBackend for GrpcBroker {
         })
     }
 
-    fn mount_volume<'a>(&'a self, volume_id: &'a str, key: &'a VolumeKey) -> BoxFuture<'a, Result<PathBuf, BrokerError>> {
+    fn mount_volume<'a>(
+        &'a self,
+        volume_id: &'a str,
+        key: &'a VolumeKey,
+    ) -> BoxFuture<'a, Result<PathBuf, BrokerError>> {
         Box::pin(async move {
             let req = v1::MountVolumeRequest { volume_id: volume_id.to_string(), key: key.expose_secret().to_vec() };
             let resp = self.volumes().mount_volume(req).await.map_err(from_status)?.into_inner();
@@ -147,15 +155,9 @@ mod tests {
 
     #[test]
     fn contract_messages_select_typed_errors() {
-        assert!(matches!(
-            from_status(Status::permission_denied("wrong volume key")),
-            BrokerError::WrongKey(_)
-        ));
+        assert!(matches!(from_status(Status::permission_denied("wrong volume key")), BrokerError::WrongKey(_)));
         assert!(matches!(from_status(Status::permission_denied("policy")), BrokerError::Denied(_)));
-        assert!(matches!(
-            from_status(Status::failed_precondition("PCR policy mismatch")),
-            BrokerError::PcrMismatch(_)
-        ));
+        assert!(matches!(from_status(Status::failed_precondition("PCR policy mismatch")), BrokerError::PcrMismatch(_)));
         assert!(matches!(from_status(Status::failed_precondition("other")), BrokerError::Failed { .. }));
         assert!(matches!(from_status(Status::already_exists("x")), BrokerError::AlreadyExists(_)));
         assert!(matches!(from_status(Status::unavailable("x")), BrokerError::Unavailable(_)));

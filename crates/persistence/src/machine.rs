@@ -246,9 +246,18 @@ impl Persistence {
         }))
     }
 
-    async fn status_map(&self) -> Result<HashMap<String, VolumeInfo>> {
-        let all = self.inner.volumes.volume_status(None).await.map_err(Error::volume("status", "*"))?;
-        Ok(all.into_iter().map(|v| (v.volume_id.clone(), v)).collect())
+    /// The broker's view of `ids`, one VolumeStatus call per id (the policy grants the API
+    /// worker named ids only; an empty id would need a `*` rule). Unknown ids are absent.
+    async fn status_of(&self, ids: &[String]) -> Result<HashMap<String, VolumeInfo>> {
+        let mut out = HashMap::new();
+        for id in ids {
+            match self.inner.volumes.volume_status(Some(id)).await {
+                Ok(list) => out.extend(list.into_iter().filter(|v| &v.volume_id == id).map(|v| (id.clone(), v))),
+                Err(BrokerError::NotFound(_)) => {}
+                Err(e) => return Err(Error::volume("status", id)(e)),
+            }
+        }
+        Ok(out)
     }
 
     /// Mounts one volume with its derived key and journals the result.
@@ -331,14 +340,16 @@ impl Persistence {
     }
 
     async fn bring_up_steps(&self, sdek: &Sdek, mounted_now: &mut Vec<String>) -> Result<()> {
-        let status = self.status_map().await?;
-        let mut plan = vec![self.record_or_new(BOOTSTRAP, Desired::Mounted)?, self.record_or_new(CONTROL, Desired::Mounted)?];
+        let mut plan =
+            vec![self.record_or_new(BOOTSTRAP, Desired::Mounted)?, self.record_or_new(CONTROL, Desired::Mounted)?];
         let dir = self.state_dir().to_path_buf();
         plan.extend(
             journal::read_all(&dir)?
                 .into_iter()
                 .filter(|r| r.class == VolumeClass::Application && r.desired == Desired::Mounted),
         );
+        let ids: Vec<String> = plan.iter().map(|r| r.volume_id.clone()).collect();
+        let status = self.status_of(&ids).await?;
         let mut control_mp = None;
         for mut rec in plan {
             let info = status.get(&rec.volume_id);
@@ -364,21 +375,14 @@ impl Persistence {
         if let Some(e) = &store_err {
             tracing::error!(error = %e, "closing the control store failed");
         }
-        let mut ids: Vec<String> = match journal::read_all(self.state_dir()) {
+        let ids: Vec<String> = match journal::read_all(self.state_dir()) {
             Ok(recs) => recs.into_iter().filter(|r| r.class == VolumeClass::Application).map(|r| r.volume_id).collect(),
             Err(e) => {
                 tracing::error!(error = %message(&e), "reading volume journals failed");
                 Vec::new()
             }
         };
-        // Anything the broker reports mounted counts too (a journal may be missing or stale).
-        if let Ok(status) = self.status_map().await {
-            for (id, info) in status {
-                if info.mounted && class_of(&id) == VolumeClass::Application && !ids.contains(&id) {
-                    ids.push(id);
-                }
-            }
-        }
+        let mut ids = ids;
         ids.sort();
         ids.push(CONTROL.to_string());
         if include_bootstrap {
@@ -555,7 +559,7 @@ impl Persistence {
         let mut rec = existing.unwrap_or(self.record_or_new(volume_id, Desired::Mounted)?);
         rec.desired = Desired::Mounted;
         self.write_record(&mut rec)?;
-        let status = self.status_map().await?;
+        let status = self.status_of(&[volume_id.to_string()]).await?;
         if let Some(info) = status.get(volume_id).filter(|i| i.mounted && !i.needs_repair) {
             return Ok(info.mountpoint.clone());
         }
@@ -582,9 +586,11 @@ impl Persistence {
     pub async fn reconcile(&self) -> Result<ReconcileReport> {
         let m = self.inner.machine.lock().await;
         let unlocked = self.state() == LockState::Unlocked;
-        let status = self.status_map().await?;
+        let records = journal::read_all(self.state_dir())?;
+        let ids: Vec<String> = records.iter().map(|r| r.volume_id.clone()).collect();
+        let status = self.status_of(&ids).await?;
         let mut report = ReconcileReport::default();
-        for mut rec in journal::read_all(self.state_dir())? {
+        for mut rec in records {
             let id = rec.volume_id.clone();
             let info = status.get(&id);
             let mounted = info.is_some_and(|i| i.mounted);
@@ -617,7 +623,8 @@ impl Persistence {
                 }
                 continue;
             }
-            let must_not_be_mounted = rec.class != VolumeClass::Bootstrap && (!unlocked || rec.desired == Desired::Unmounted);
+            let must_not_be_mounted =
+                rec.class != VolumeClass::Bootstrap && (!unlocked || rec.desired == Desired::Unmounted);
             if mounted && must_not_be_mounted {
                 match self.unmount_one(&id).await {
                     Ok(()) => report.unmounted.push(id.clone()),
@@ -743,11 +750,9 @@ impl Persistence {
             }
         };
         match &exported {
-            Ok((path, summary)) => self.emit(Event::ExportFinished {
-                kind,
-                path: path.clone(),
-                archive_bytes: summary.archive_bytes,
-            }),
+            Ok((path, summary)) => {
+                self.emit(Event::ExportFinished { kind, path: path.clone(), archive_bytes: summary.archive_bytes })
+            }
             Err(e) => self.emit(Event::ExportFailed { kind, reason: message(e) }),
         }
         if was == LockState::Unlocked

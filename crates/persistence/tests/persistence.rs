@@ -87,12 +87,15 @@ async fn setup_lock_unlock_round_trips_and_leaves_no_plaintext_while_locked() {
 
     let recovery = p.setup(pw(PASSWORD)).await.unwrap();
     assert_eq!(p.state(), LockState::Unlocked);
-    assert_eq!(drain(&mut events), [
-        Event::Unlocking { method: UnlockMethod::Setup },
-        Event::VolumeMounted { volume: BOOTSTRAP.into() },
-        Event::VolumeMounted { volume: CONTROL.into() },
-        Event::Unlocked { method: UnlockMethod::Setup },
-    ]);
+    assert_eq!(
+        drain(&mut events),
+        [
+            Event::Unlocking { method: UnlockMethod::Setup },
+            Event::VolumeMounted { volume: BOOTSTRAP.into() },
+            Event::VolumeMounted { volume: CONTROL.into() },
+            Event::Unlocked { method: UnlockMethod::Setup },
+        ]
+    );
     assert!(matches!(p.setup(pw(PASSWORD)).await, Err(Error::NotLocked { .. })));
     let store = p.store();
     assert!(fx.mount(CONTROL).join("control.db").exists(), "the store lives inside the control mount");
@@ -126,11 +129,17 @@ async fn setup_lock_unlock_round_trips_and_leaves_no_plaintext_while_locked() {
     assert!(matches!(err, Error::Keyset(piccolo_keyset::Error::WrongPassword)), "{err:?}");
     assert_eq!(p.state(), LockState::Locked);
     let evs = drain(&mut events);
-    assert!(matches!(&evs[..], [
-        Event::Unlocking { method: UnlockMethod::Password },
-        Event::UnlockFailed { method: UnlockMethod::Password, .. },
-        Event::Locked { reason: LockReason::Rollback }
-    ]), "{evs:?}");
+    assert!(
+        matches!(
+            &evs[..],
+            [
+                Event::Unlocking { method: UnlockMethod::Password },
+                Event::UnlockFailed { method: UnlockMethod::Password, .. },
+                Event::Locked { reason: LockReason::Rollback }
+            ]
+        ),
+        "{evs:?}"
+    );
     fx.assert_locked_invariant(&["app-1"]);
 
     // Unlock brings the store and the desired-mounted app volume back.
@@ -312,8 +321,11 @@ async fn tpm_auto_unlock_until_pcr7_changes() {
     assert_eq!(err.to_string(), "TPM unlock failed: PCR 7 changed");
     assert_eq!(p.state(), LockState::Locked);
     let evs = drain(&mut events);
-    assert!(evs.iter().any(|e| matches!(e,
-        Event::UnlockFailed { method: UnlockMethod::Tpm, reason } if reason == "TPM unlock failed: PCR 7 changed")), "{evs:?}");
+    assert!(
+        evs.iter().any(|e| matches!(e,
+        Event::UnlockFailed { method: UnlockMethod::Tpm, reason } if reason == "TPM unlock failed: PCR 7 changed")),
+        "{evs:?}"
+    );
     fx.assert_locked_invariant(&[]);
     // The password still works; re-enrolling seals to the new PCR 7.
     p.unlock_with_password(pw(PASSWORD)).await.unwrap();
@@ -338,7 +350,11 @@ async fn full_export_restores_on_new_hardware_with_the_export_password() {
     assert_eq!(summary.volumes, ["app-1", BOOTSTRAP, CONTROL]);
     let evs = drain(&mut events);
     assert_eq!(evs.first(), Some(&Event::ExportStarted { kind: ExportKind::Full }));
-    assert!(evs.contains(&Event::ExportFinished { kind: ExportKind::Full, path: path.clone(), archive_bytes: summary.archive_bytes }));
+    assert!(evs.contains(&Event::ExportFinished {
+        kind: ExportKind::Full,
+        path: path.clone(),
+        archive_bytes: summary.archive_bytes
+    }));
     // Quiesced for the export, back afterwards: unlocked, store writable.
     assert_eq!(p.state(), LockState::Unlocked);
     p.store().write_app("admin", AppWrite { name: "after".into(), ..marker_app() }).await.unwrap();

@@ -70,7 +70,11 @@ impl LocalGocryptfs {
         if dir.exists() {
             return Err(BrokerError::AlreadyExists(format!("volume {id} exists")));
         }
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(|e| failed("Internal", e.to_string()))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| failed("Internal", e.to_string()))?;
         let mut child = Command::new("gocryptfs")
             .args(["-init", "-q", "-nosyslog", "-scryptn", "10"])
             .arg(&dir)
@@ -98,7 +102,11 @@ impl LocalGocryptfs {
         if is_mounted(&mp) {
             return Err(failed("FailedPrecondition", format!("volume {id} is already mounted")));
         }
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&mp).map_err(|e| failed("Internal", e.to_string()))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&mp)
+            .map_err(|e| failed("Internal", e.to_string()))?;
         let mut child = Command::new("gocryptfs")
             .args(["-fg", "-q", "-nosyslog"])
             .arg(&dir)
@@ -204,7 +212,12 @@ impl Drop for LocalGocryptfs {
 }
 
 impl VolumeBackend for LocalGocryptfs {
-    fn create_volume<'a>(&'a self, id: &'a str, _class: VolumeClass, key: &'a VolumeKey) -> BoxFuture<'a, Result<(), BrokerError>> {
+    fn create_volume<'a>(
+        &'a self,
+        id: &'a str,
+        _class: VolumeClass,
+        key: &'a VolumeKey,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
         Box::pin(async move { self.create(id, key) })
     }
     fn mount_volume<'a>(&'a self, id: &'a str, key: &'a VolumeKey) -> BoxFuture<'a, Result<PathBuf, BrokerError>> {
@@ -292,10 +305,28 @@ impl ToolsSealer {
         let d = dir.path();
         self.ok(d, &["tpm2_createprimary", "-Q", "-C", "o", "-c", "prim.ctx"], b"")?;
         self.ok(d, &["tpm2_pcrread", "-Q", "sha256:7", "-o", "pcr.bin"], b"")?;
-        self.ok(d, &["tpm2_createpolicy", "-Q", "--policy-pcr", "-l", "sha256:7", "-f", "pcr.bin", "-L", "pol.dig"], b"")?;
+        self.ok(
+            d,
+            &["tpm2_createpolicy", "-Q", "--policy-pcr", "-l", "sha256:7", "-f", "pcr.bin", "-L", "pol.dig"],
+            b"",
+        )?;
         let attrs = "fixedtpm|fixedparent|noda|adminwithpolicy";
-        let args =
-            ["tpm2_create", "-Q", "-C", "prim.ctx", "-L", "pol.dig", "-a", attrs, "-i", "-", "-u", "seal.pub", "-r", "seal.priv"];
+        let args = [
+            "tpm2_create",
+            "-Q",
+            "-C",
+            "prim.ctx",
+            "-L",
+            "pol.dig",
+            "-a",
+            attrs,
+            "-i",
+            "-",
+            "-u",
+            "seal.pub",
+            "-r",
+            "seal.priv",
+        ];
         self.ok(d, &args, secret)?;
         let public = std::fs::read(d.join("seal.pub")).unwrap();
         let private = std::fs::read(d.join("seal.priv")).unwrap();
