@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Store write throughput against a bare rusqlite baseline, measured in the same run on the
 //! same filesystem with the same pragmas (WAL, synchronous=FULL, busy timeout, foreign keys,
-//! temp_store=MEMORY).
+//! temp_store=MEMORY, journal_size_limit).
 //!
 //! * baseline: one `INSERT` of an app-sized row per IMMEDIATE transaction, called directly.
 //! * store: [`Store::write_app`]: the same row plus its chained revision row, in one
@@ -35,52 +35,32 @@ fn spec(i: usize) -> String {
     format!("name: app-{i}\nimage: registry.example/app:{i}\nports: [8080]\n{}", "x".repeat(200))
 }
 
-fn baseline(dir: &std::path::Path, n: usize) -> f64 {
-    let path = dir.join("baseline.db");
-    let mut conn = Connection::open(&path).unwrap();
+fn open_baseline(path: &std::path::Path) -> Connection {
+    let conn = Connection::open(path).unwrap();
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).unwrap();
     assert_eq!(mode, "wal");
     conn.busy_timeout(piccolo_store::BUSY_TIMEOUT).unwrap();
     conn.pragma_update(None, "synchronous", "FULL").unwrap();
     conn.pragma_update(None, "foreign_keys", "ON").unwrap();
     conn.pragma_update(None, "temp_store", "MEMORY").unwrap();
+    conn.pragma_update(None, "journal_size_limit", piccolo_store::WAL_SIZE_LIMIT_BYTES).unwrap();
     conn.execute_batch(
         "CREATE TABLE apps (name TEXT PRIMARY KEY, spec TEXT NOT NULL, enabled INTEGER NOT NULL,
                             status TEXT NOT NULL, updated TEXT NOT NULL) STRICT",
     )
     .unwrap();
-    let mut lat = Vec::with_capacity(n);
-    let start = Instant::now();
-    for i in 0..n {
-        let t = Instant::now();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).unwrap();
-        tx.execute(
-            "INSERT INTO apps (name, spec, enabled, status, updated) VALUES (?1, ?2, 1, 'running', '2026-01-01T00:00:00Z')
-             ON CONFLICT(name) DO UPDATE SET spec = excluded.spec",
-            params![format!("app-{i}"), spec(i)],
-        )
-        .unwrap();
-        tx.commit().unwrap();
-        lat.push(t.elapsed());
-    }
-    report("bare rusqlite insert (baseline)", lat, start.elapsed())
+    conn
 }
 
-async fn store(dir: &std::path::Path, n: usize) -> f64 {
-    let s = Store::locked();
-    s.open(&dir.join("store.db"), Role::Leader).await.unwrap();
-    let mut lat = Vec::with_capacity(n);
-    let start = Instant::now();
-    for i in 0..n {
-        let t = Instant::now();
-        let app = AppWrite { name: format!("app-{i}"), spec: spec(i), enabled: true, status: "running".into() };
-        s.write_app("bench", app).await.unwrap();
-        lat.push(t.elapsed());
-    }
-    let rate = report("Store::write_app (+ revision row)", lat, start.elapsed());
-    assert_eq!(s.read_journal_verification().await.unwrap().rows, n as u64);
-    s.close().await.unwrap();
-    rate
+fn baseline_write(conn: &mut Connection, i: usize) {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).unwrap();
+    tx.execute(
+        "INSERT INTO apps (name, spec, enabled, status, updated) VALUES (?1, ?2, 1, 'running', '2026-01-01T00:00:00Z')
+         ON CONFLICT(name) DO UPDATE SET spec = excluded.spec",
+        params![format!("app-{i}"), spec(i)],
+    )
+    .unwrap();
+    tx.commit().unwrap();
 }
 
 fn main() {
@@ -88,16 +68,42 @@ fn main() {
     let base = std::env::var_os("BENCH_DIR").map(std::path::PathBuf::from).unwrap_or_else(std::env::temp_dir);
     let dir = tempfile::tempdir_in(&base).unwrap();
     println!("store write throughput, {n} sequential durable writes each, in {}", base.display());
+    println!("(batches of {BATCH} alternate between the two, so drift in the fsync cost hits both alike)");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    // Interleave two rounds so drift in the disk's fsync cost hits both sides.
-    let mut ratios = Vec::new();
-    for round in 1..=2 {
-        println!("round {round}");
-        let b = baseline(&tempfile::tempdir_in(dir.path()).unwrap().keep(), n);
-        let s = rt.block_on(store(&tempfile::tempdir_in(dir.path()).unwrap().keep(), n));
-        ratios.push(s / b);
+    let mut conn = open_baseline(&dir.path().join("baseline.db"));
+    let store = Store::locked();
+    rt.block_on(store.open(&dir.path().join("store.db"), Role::Leader)).unwrap();
+    let (mut lat_b, mut lat_s) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut tot_b, mut tot_s) = (Duration::ZERO, Duration::ZERO);
+    let mut i = 0;
+    while i < n {
+        let end = (i + BATCH).min(n);
+        let t0 = Instant::now();
+        for k in i..end {
+            let t = Instant::now();
+            baseline_write(&mut conn, k);
+            lat_b.push(t.elapsed());
+        }
+        tot_b += t0.elapsed();
+        let t0 = Instant::now();
+        rt.block_on(async {
+            for k in i..end {
+                let t = Instant::now();
+                let app = AppWrite { name: format!("app-{k}"), spec: spec(k), enabled: true, status: "running".into() };
+                store.write_app("bench", app).await.unwrap();
+                lat_s.push(t.elapsed());
+            }
+        });
+        tot_s += t0.elapsed();
+        i = end;
     }
-    for (i, r) in ratios.iter().enumerate() {
-        println!("round {}: store / baseline throughput = {r:.2}x", i + 1);
-    }
+    let b = report("bare rusqlite insert (baseline)", lat_b, tot_b);
+    let s = report("Store::write_app (+ revision row)", lat_s, tot_s);
+    rt.block_on(async {
+        assert_eq!(store.read_journal_verification().await.unwrap().rows, n as u64);
+        store.close().await.unwrap();
+    });
+    println!("store / baseline throughput = {:.2}x", s / b);
 }
+
+const BATCH: usize = 100;
