@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use piccolo_store::{AppWrite, Role, Store};
 use rusqlite::{Connection, TransactionBehavior, params};
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
+/// The `per_mille`-th latency of a sorted, non-empty list.
+fn percentile(sorted: &[Duration], per_mille: usize) -> Duration {
+    sorted[((sorted.len() - 1) * per_mille / 1000).min(sorted.len() - 1)]
 }
 
 fn report(name: &str, mut lat: Vec<Duration>, total: Duration) -> f64 {
@@ -25,8 +25,8 @@ fn report(name: &str, mut lat: Vec<Duration>, total: Duration) -> f64 {
     let rate = lat.len() as f64 / total.as_secs_f64();
     println!(
         "{name:<34} {rate:>9.0} writes/s   p50 {:>7.3} ms   p99 {:>7.3} ms",
-        percentile(&lat, 0.5).as_secs_f64() * 1e3,
-        percentile(&lat, 0.99).as_secs_f64() * 1e3
+        percentile(&lat, 500).as_secs_f64() * 1e3,
+        percentile(&lat, 990).as_secs_f64() * 1e3
     );
     rate
 }
