@@ -303,7 +303,11 @@ impl Persistence {
 
     /// Unmounts one volume and journals it.
     async fn unmount_one(&self, id: &str) -> Result<()> {
-        let result = self.inner.volumes.unmount_volume(id).await.map_err(Error::volume("unmount", id));
+        let result = match self.inner.volumes.unmount_volume(id).await {
+            // A volume that was never created (e.g. before setup) is not mounted either.
+            Ok(()) | Err(BrokerError::NotFound(_)) => Ok(()),
+            Err(e) => Err(Error::volume("unmount", id)(e)),
+        };
         if let Some(mut rec) = journal::read(self.state_dir(), id)? {
             match &result {
                 Ok(()) => {
