@@ -393,3 +393,27 @@ async fn session_ids_are_stored_only_as_hashes() {
     let bytes = std::fs::read(&path).unwrap();
     assert!(!bytes.windows(id.len()).any(|w| w == id.as_bytes()));
 }
+
+#[tokio::test]
+async fn periodic_maintenance_reports_each_round_and_skips_while_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::locked();
+    let mut events = store.subscribe();
+    let task = store.spawn_maintenance(Duration::from_millis(30));
+    // Locked: rounds are skipped silently.
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert!(events.try_recv().is_err(), "no maintenance while locked");
+    store.open(&db_path(&dir), Role::Leader).await.unwrap();
+    store.write_app("admin", app("a", "s")).await.unwrap();
+    let ok = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let StoreEvent::MaintenanceOk(r) = events.recv().await.unwrap() {
+                break r;
+            }
+        }
+    })
+    .await
+    .expect("a maintenance round while open");
+    assert_eq!(ok.wal_frames, ok.checkpointed);
+    task.abort();
+}
