@@ -13,9 +13,8 @@
 //! (`/dev`). The policy's `partitions` constraint decides which names a caller may use.
 //!
 //! Re-sealing to *expected* PCR values: systemd-cryptenroll 252 seals to the PCRs'
-//! current values only (literal values in `--tpm2-pcrs` arrived in later systemd). So
-//! [`reseal`] re-enrolls to the current values of the expected PCRs and refuses, with
-//! [`Error::Unsupported`], when an expected value differs from the current one.
+//! current values only (literal values in `--tpm2-pcrs` arrived in later systemd), so
+//! [`reseal`] writes the keyslot and `systemd-tpm2` token itself; see there.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::FileTypeExt;
@@ -23,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use serde_json::Value;
 use zeroize::Zeroizing;
 
@@ -253,7 +253,7 @@ fn check_unlock_key(cfg: &DiskConfig, name: &str, dev: &Path, key: &KeyFile) -> 
     if r.ok { Ok(()) } else { Err(Error::UnlockKeyRejected(name.to_owned())) }
 }
 
-fn cryptenroll(cfg: &DiskConfig, tcti: &str, dev: &Path, pcrs: &[u32], key: &KeyFile, wipe: &[i32]) -> Result<Run> {
+fn cryptenroll(cfg: &DiskConfig, tcti: &str, dev: &Path, pcrs: &[u32], key: &KeyFile) -> Result<Run> {
     let pcr_list = pcrs.iter().map(u32::to_string).collect::<Vec<_>>().join("+");
     let mut args = vec![
         format!("--tpm2-device={tcti}"),
@@ -262,42 +262,29 @@ fn cryptenroll(cfg: &DiskConfig, tcti: &str, dev: &Path, pcrs: &[u32], key: &Key
         "--tpm2-public-key-pcrs=".into(),
         format!("--unlock-key-file={}", key.path().display()),
     ];
-    if !wipe.is_empty() {
-        args.push(format!("--wipe-slot={}", wipe.iter().map(i32::to_string).collect::<Vec<_>>().join(",")));
-    }
     args.push(path_arg(dev));
     checked("systemd-cryptenroll", run("systemd-cryptenroll", &cfg.cryptenroll, &args)?)
 }
 
 /// Enrolls a TPM2 keyslot bound to the current values of `pcrs` (validated by the caller).
 pub fn enroll(cfg: &DiskConfig, tcti: &str, name: &str, pcrs: &[u32], unlock_key: &[u8]) -> Result<Enrolled> {
-    enroll_inner(cfg, tcti, name, pcrs, unlock_key, false)
+    enroll_inner(cfg, tcti, name, pcrs, unlock_key)
 }
 
-fn enroll_inner(
-    cfg: &DiskConfig,
-    tcti: &str,
-    name: &str,
-    pcrs: &[u32],
-    unlock_key: &[u8],
-    wipe_old: bool,
-) -> Result<Enrolled> {
+fn enroll_inner(cfg: &DiskConfig, tcti: &str, name: &str, pcrs: &[u32], unlock_key: &[u8]) -> Result<Enrolled> {
     validate_key(unlock_key)?;
     let dev = resolve(cfg, name)?;
     let before = dump(cfg, name, &dev)?;
     let key = KeyFile::new(&Zeroizing::new(unlock_key.to_vec()))?;
     check_unlock_key(cfg, name, &dev, &key)?;
-    let old = if wipe_old { tpm2_keyslots(&before) } else { Vec::new() };
-    cryptenroll(cfg, tcti, &dev, pcrs, &key, &old)?;
+    cryptenroll(cfg, tcti, &dev, pcrs, &key)?;
     drop(key);
     let after = dump(cfg, name, &dev)?;
     let (b, a) = (keyslots(&before), keyslots(&after));
     let new: Vec<i32> = a.iter().copied().filter(|k| !b.contains(k)).collect();
     let tpm2_now = tpm2_keyslots(&after);
     match new.as_slice() {
-        [k] if tpm2_now.contains(k) => {
-            Ok(Enrolled { keyslot: *k, wiped: old.into_iter().filter(|o| !a.contains(o)).collect() })
-        }
+        [k] if tpm2_now.contains(k) => Ok(Enrolled { keyslot: *k, wiped: Vec::new() }),
         _ => Err(Error::Tool {
             tool: "systemd-cryptenroll",
             status: "ok".into(),
@@ -306,26 +293,99 @@ fn enroll_inner(
     }
 }
 
-/// Enrolls a new TPM2 keyslot for `expected` (index → sha256 value), then wipes the old
-/// TPM2 keyslots, in one `systemd-cryptenroll` run (it enrolls first and never wipes the
-/// new slot). `current` gives today's values of the same PCRs; see the module doc.
+/// What [`reseal`] needs from the TPM: a systemd `tpm2-blob` sealing `secret` to `values`.
+pub type SealFn<'a> = &'a mut dyn FnMut(&[u8], &[(u32, [u8; 32])]) -> Result<Vec<u8>>;
+
+/// Adds a TPM2 keyslot bound to `expected` (index → sha256 value, e.g. the values after a
+/// planned firmware update), then wipes the old TPM2 keyslots.
+///
+/// systemd-cryptenroll 252 can only seal to the PCRs' *current* values, so this writes
+/// what it would write, itself: a random 32-byte secret sealed under systemd's ECC storage
+/// key template with a PolicyPCR digest of the expected values (`seal`), the keyslot
+/// passphrase `base64(secret)` added with `cryptsetup luksAddKey` (PBKDF2, 1000
+/// iterations, as systemd does for high-entropy TPM keys), and a `systemd-tpm2` token
+/// (`cryptsetup token import`) that systemd-cryptsetup 252 unlocks with. Old TPM2 slots
+/// and their tokens are then removed with `systemd-cryptenroll --wipe-slot=`. If the token
+/// cannot be written, the new keyslot is removed again.
 pub fn reseal(
     cfg: &DiskConfig,
-    tcti: &str,
     name: &str,
-    expected: &[(u32, Vec<u8>)],
-    current: &[(u32, Vec<u8>)],
+    expected: &[(u32, [u8; 32])],
     unlock_key: &[u8],
+    seal: SealFn<'_>,
 ) -> Result<Enrolled> {
-    let pcrs: Vec<u32> = expected.iter().map(|(i, _)| *i).collect();
-    for (i, v) in expected {
-        if current.iter().find(|(j, _)| j == i).map(|(_, c)| c) != Some(v) {
-            return Err(Error::Unsupported(format!(
-                "systemd-cryptenroll 252 can bind only to the current value of PCR {i}; reseal after the change"
-            )));
-        }
+    validate_key(unlock_key)?;
+    let dev = resolve(cfg, name)?;
+    let before = dump(cfg, name, &dev)?;
+    let key = KeyFile::new(&Zeroizing::new(unlock_key.to_vec()))?;
+    check_unlock_key(cfg, name, &dev, &key)?;
+    let old = tpm2_keyslots(&before);
+    let used = keyslots(&before);
+    let slot = (0..32).find(|k| !used.contains(k)).ok_or_else(|| Error::Tool {
+        tool: "cryptsetup",
+        status: "ok".into(),
+        stderr: "no free LUKS2 keyslot".into(),
+    })?;
+
+    let mut secret = Zeroizing::new([0u8; 32]);
+    getrandom::fill(&mut secret[..]).map_err(|e| Error::KeyFile(std::io::Error::other(e.to_string())))?;
+    let blob = seal(&secret[..], expected)?;
+    let passphrase = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&secret[..]));
+    let new_key = KeyFile::new(passphrase.as_bytes())?;
+    let add = [
+        "luksAddKey".into(),
+        "--batch-mode".into(),
+        "--pbkdf".into(),
+        "pbkdf2".into(),
+        "--pbkdf-force-iterations".into(),
+        "1000".into(),
+        "--hash".into(),
+        "sha512".into(),
+        "--key-slot".into(),
+        slot.to_string(),
+        "--key-file".into(),
+        path_arg(&key.path()),
+        path_arg(&dev),
+        path_arg(&new_key.path()),
+    ];
+    checked("cryptsetup", run("cryptsetup", &cfg.cryptsetup, &add)?)?;
+    drop(new_key);
+    drop(key);
+
+    let mut indices: Vec<u32> = expected.iter().map(|(i, _)| *i).collect();
+    indices.sort_unstable();
+    let token = serde_json::json!({
+        "type": "systemd-tpm2",
+        "keyslots": [slot.to_string()],
+        "tpm2-blob": base64::engine::general_purpose::STANDARD.encode(&blob),
+        "tpm2-pcrs": indices,
+        "tpm2-pcr-bank": "sha256",
+        "tpm2-primary-alg": "ecc",
+        "tpm2-policy-hash": hex::encode(crate::pcr::policy_digest(expected)),
+        "tpm2-pin": false,
+    });
+    let token_file = KeyFile::new(token.to_string().as_bytes())?;
+    let import = ["token".into(), "import".into(), "--json-file".into(), path_arg(&token_file.path()), path_arg(&dev)];
+    if let Err(e) = run("cryptsetup", &cfg.cryptsetup, &import).and_then(|r| checked("cryptsetup", r)) {
+        let kill = ["luksKillSlot".into(), "--batch-mode".into(), path_arg(&dev), slot.to_string()];
+        let _ = run("cryptsetup", &cfg.cryptsetup, &kill);
+        return Err(e);
     }
-    enroll_inner(cfg, tcti, name, &pcrs, unlock_key, true)
+    if !old.is_empty() {
+        let wipe =
+            [format!("--wipe-slot={}", old.iter().map(i32::to_string).collect::<Vec<_>>().join(",")), path_arg(&dev)];
+        checked("systemd-cryptenroll", run("systemd-cryptenroll", &cfg.cryptenroll, &wipe)?)?;
+    }
+    let after = dump(cfg, name, &dev)?;
+    let now = tpm2_keyslots(&after);
+    if now != vec![slot] {
+        return Err(Error::Tool {
+            tool: "cryptsetup",
+            status: "ok".into(),
+            stderr: format!("after reseal the TPM2 keyslots are {now:?}, expected [{slot}]"),
+        });
+    }
+    Ok(Enrolled { keyslot: slot, wiped: old })
 }
 
 #[cfg(test)]

@@ -138,8 +138,8 @@ impl Tpm {
         disk::enroll(cfg, &self.tcti, name, &idx, unlock_key)
     }
 
-    /// Enrolls a new TPM2 keyslot for `expected` and wipes the old TPM2 keyslots (see
-    /// [`disk::reseal`] for what systemd 252 allows).
+    /// Enrolls a new TPM2 keyslot bound to `expected` (index → sha256 value) and wipes
+    /// the old TPM2 keyslots (see [`disk::reseal`]).
     pub fn reseal_disk(
         &self,
         cfg: &DiskConfig,
@@ -151,13 +151,22 @@ impl Tpm {
         if idx.is_empty() {
             return Err(Error::InvalidArgument("expected: name at least one PCR".into()));
         }
-        let idx = pcr::indices(&idx, &[])?;
-        if let Some((i, _)) = expected.iter().find(|(_, v)| v.len() != 32) {
-            return Err(Error::InvalidArgument(format!("expected value of PCR {i} must be 32 bytes (sha256)")));
-        }
+        pcr::indices(&idx, &[])?;
+        let values = expected
+            .iter()
+            .map(|(i, v)| {
+                <[u8; 32]>::try_from(v.as_slice())
+                    .map(|a| (*i, a))
+                    .map_err(|_| Error::InvalidArgument(format!("expected value of PCR {i} must be 32 bytes (sha256)")))
+            })
+            .collect::<Result<Vec<_>>>()?;
         disk::resolve(cfg, name)?;
-        let current = self.with(|s, _| pcr::read(s, Bank::Sha256, &idx))?;
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        disk::reseal(cfg, &self.tcti, name, expected, &current, unlock_key)
+        self.with(|scope, _| {
+            let mut seal = |secret: &[u8], values: &[(u32, [u8; 32])]| {
+                let (public, private) = seal::create_sealed(scope, secret, values)?;
+                seal::systemd_blob(&public, &private)
+            };
+            disk::reseal(cfg, name, &values, unlock_key, &mut seal)
+        })
     }
 }

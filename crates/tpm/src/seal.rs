@@ -213,6 +213,13 @@ pub fn seal_to(scope: &mut Scope, secret: &[u8], values: &[(u32, [u8; 32])]) -> 
         return Err(Error::InvalidArgument(format!("secret must be 1..={MAX_SECRET} bytes, got {}", secret.len())));
     }
     let indices: Vec<u32> = values.iter().map(|(i, _)| *i).collect();
+    let (public, private) = create_sealed(scope, secret, values)?;
+    encode(pcr::mask(&indices), &public, &private)
+}
+
+/// Creates a sealed-data object under the SRK whose only authorisation is PolicyPCR over
+/// `values`; returns its public and private areas (nothing stays loaded).
+pub(crate) fn create_sealed(scope: &mut Scope, secret: &[u8], values: &[(u32, [u8; 32])]) -> Result<(Public, Private)> {
     let policy = pcr::policy_digest(values);
     let parent = srk(scope)?;
     let template = sealed_template(&policy)?;
@@ -221,7 +228,20 @@ pub fn seal_to(scope: &mut Scope, secret: &[u8], values: &[(u32, [u8; 32])]) -> 
         .ctx
         .execute_with_nullauth_session(|c| c.create(parent, template, None, Some(data), None, None))
         .map_err(Error::tpm("Create (sealed object)"))?;
-    encode(pcr::mask(&indices), &created.out_public, &created.out_private)
+    Ok((created.out_public, created.out_private))
+}
+
+/// systemd's `tpm2-blob` encoding of a sealed object: TPM2B_PRIVATE then TPM2B_PUBLIC.
+pub(crate) fn systemd_blob(public: &Public, private: &Private) -> Result<Vec<u8>> {
+    let pubm = public.marshall().map_err(Error::tpm("marshal public"))?;
+    let mut v = Vec::new();
+    for part in [private.value(), &pubm[..]] {
+        v.extend_from_slice(
+            &u16::try_from(part.len()).map_err(|_| Error::Unexpected("oversized TPM object"))?.to_be_bytes(),
+        );
+        v.extend_from_slice(part);
+    }
+    Ok(v)
 }
 
 /// Unseals under today's PCR values. A mismatch is [`Error::PcrPolicyMismatch`] and

@@ -7,5 +7,6 @@
 pub mod bins;
 pub mod broker;
 pub mod disks;
+pub mod luks;
 pub mod swtpm;
 pub mod users;

@@ -120,11 +120,7 @@ impl Swtpm {
 /// SHA-256 through `sha256sum` (keeps the harness free of crypto crates).
 fn sha256(data: &[u8]) -> Vec<u8> {
     use std::io::Write;
-    let mut c = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("sha256sum");
+    let mut c = Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("sha256sum");
     c.stdin.take().expect("stdin").write_all(data).expect("write");
     let out = c.wait_with_output().expect("sha256sum");
     let hex = String::from_utf8_lossy(&out.stdout);
