@@ -9,6 +9,7 @@ mod boot;
 mod broker;
 mod disks;
 mod output;
+mod tpm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,6 +54,9 @@ enum Cmd {
     },
     /// Install an OS image onto another disk (dry run with --plan).
     Install(disks::InstallArgs),
+    /// The TPM: device identity, PCRs, sealing and unsealing secrets.
+    #[command(subcommand)]
+    Tpm(tpm::TpmCmd),
 }
 
 /// A failure to report: message on stderr, exit status.
@@ -88,6 +92,7 @@ fn main() -> ExitCode {
             Cmd::Boot(cmd) => boot::run(&socket, cmd).await,
             Cmd::Disks { json } => disks::list(&socket, json).await,
             Cmd::Install(a) => disks::install(&socket, a).await,
+            Cmd::Tpm(cmd) => tpm::run(&socket, cmd).await,
         }
     });
     match result {

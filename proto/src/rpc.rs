@@ -62,6 +62,15 @@ rpcs! {
     ListDisks => ("Disks", false, None),
     PlanInstall => ("Disks", false, None),
     InstallToDisk => ("Disks", true, Some("disks")),
+    GetDeviceIdentity => ("Tpm", false, None),
+    ReadPcrs => ("Tpm", false, None),
+    SealSecret => ("Tpm", false, None),
+    UnsealSecret => ("Tpm", false, None),
+    ResealSecret => ("Tpm", false, None),
+    GetDeviceTokenKey => ("Tpm", false, None),
+    SignDeviceToken => ("Tpm", false, None),
+    EnrollDiskTpm => ("Tpm", true, Some("partitions")),
+    ResealDiskTpm => ("Tpm", true, Some("partitions")),
 }
 
 impl Rpc {
