@@ -140,7 +140,11 @@ fn pairs(v: &[PcrValue]) -> Vec<(u32, Vec<u8>)> {
 /// Bounds checked before the TPM is touched (and before anything is queued for it).
 fn check_secret(s: &[u8]) -> Result<(), Error> {
     if s.is_empty() || s.len() > tpm::seal::MAX_SECRET {
-        return Err(Error::InvalidArgument(format!("secret must be 1..={} bytes, got {}", tpm::seal::MAX_SECRET, s.len())));
+        return Err(Error::InvalidArgument(format!(
+            "secret must be 1..={} bytes, got {}",
+            tpm::seal::MAX_SECRET,
+            s.len()
+        )));
     }
     Ok(())
 }
