@@ -85,7 +85,7 @@ fn main() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let rows = rt.block_on(async {
         let ch = piccolo_proto::client::connect_unix(&b.socket).await.unwrap();
-        let mut info = BrokerClient::new(ch.clone());
+        let info = BrokerClient::new(ch.clone());
         let mut tpm = TpmClient::new(ch);
         let secret = vec![0x42u8; 32];
         let blob = tpm
@@ -118,17 +118,23 @@ fn main() {
         let sign = measure(n, || {
             let mut c = tpm.clone();
             async move {
-                let r = SignDeviceTokenRequest { subscription_tier: "premium".into(), features: vec![], ttl_seconds: 300 };
+                let r =
+                    SignDeviceTokenRequest { subscription_tier: "premium".into(), features: vec![], ttl_seconds: 300 };
                 c.sign_device_token(r).await.unwrap();
             }
         })
         .await;
-        vec![("broker GetInfo (baseline)", base), ("broker SealSecret", seal), ("broker UnsealSecret", unseal), ("broker SignDeviceToken", sign)]
+        vec![
+            ("broker GetInfo (baseline)", base),
+            ("broker SealSecret", seal),
+            ("broker UnsealSecret", unseal),
+            ("broker SignDeviceToken", sign),
+        ]
     });
     let lib = piccolo_tpm::Tpm::new(sw.tcti());
     let blob = lib.seal(&[0x42; 32], &[]).unwrap();
     let req = piccolo_tpm::TokenRequest { subscription_tier: "premium".into(), features: vec![], ttl_seconds: 300 };
-    let lib_rows = vec![
+    let lib_rows = [
         ("piccolo-tpm seal", measure_sync(n, || drop(lib.seal(&[0x42; 32], &[]).unwrap()))),
         ("piccolo-tpm unseal", measure_sync(n, || drop(lib.unseal(&blob).unwrap()))),
         ("piccolo-tpm sign", measure_sync(n, || drop(lib.sign_token(&req, 1_700_000_000).unwrap()))),

@@ -99,7 +99,8 @@ fn enroll_and_reseal_through_the_broker() {
     let now7: Vec<u8> = (0..32).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap()).collect();
     let next7: String = Swtpm::extended_value(&now7).iter().map(|x| format!("{x:02x}")).collect();
     let exp = format!("7={next7}");
-    let o = b.ctl_as("root", &["tpm", "reseal-disk", "--partition", &luks.name(), "--expected", &exp, "--key-file", &k]);
+    let o =
+        b.ctl_as("root", &["tpm", "reseal-disk", "--partition", &luks.name(), "--expected", &exp, "--key-file", &k]);
     assert_eq!(o.status.code(), Some(0), "{}", out(&o));
     assert!(out(&o).contains("enrolled TPM2 keyslot 2") && out(&o).contains("wiped [1]"), "{}", out(&o));
     assert!(!unseals(&luks, &sw, 2), "not before the change");

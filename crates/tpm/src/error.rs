@@ -28,13 +28,13 @@ pub enum Error {
     #[error("no TPM ({0})")]
     NoTpm(String),
     /// An argument failed validation before the TPM was touched.
-    #[error("invalid argument: {0}")]
+    #[error("{0}")]
     InvalidArgument(String),
     /// The sealed blob is not one of ours: wrong magic, version, length or checksum.
-    #[error("invalid argument: sealed blob is corrupt or not a piccolo sealed blob: {0}")]
+    #[error("sealed blob is corrupt or not a piccolo sealed blob: {0}")]
     CorruptBlob(String),
     /// The blob parses but the TPM refuses to load it: sealed by another TPM (or owner).
-    #[error("invalid argument: sealed blob was not made by this TPM")]
+    #[error("sealed blob was not made by this TPM")]
     ForeignBlob(#[source] tss_esapi::Error),
     /// The PCRs no longer have the values the secret was sealed to. No data is returned.
     #[error("PCR policy mismatch")]
@@ -61,7 +61,7 @@ pub enum Error {
     #[error("partition {0:?} is not a LUKS2 volume")]
     NotLuks2(String),
     /// The unlock key opens no keyslot of the volume; nothing was changed.
-    #[error("invalid argument: the unlock key opens no keyslot of {0:?}")]
+    #[error("the unlock key opens no keyslot of {0:?}")]
     UnlockKeyRejected(String),
     /// The PCR values asked for cannot be bound by this systemd-cryptenroll (see `disk`).
     #[error("{0}")]

@@ -157,7 +157,7 @@ fn bad_secrets_and_corrupt_or_foreign_blobs_are_invalid_arguments() {
     let e = tpm.unseal(&foreign).unwrap_err();
     assert!(matches!(e, Error::ForeignBlob(_)), "{e}");
     assert_eq!(e.code(), piccolo_tpm::Code::InvalidArgument);
-    assert_eq!(e.to_string(), "invalid argument: sealed blob was not made by this TPM");
+    assert_eq!(e.to_string(), "sealed blob was not made by this TPM");
 }
 
 fn verify(token: &str, key: &DecodingKey) -> jsonwebtoken::errors::Result<serde_json::Value> {
