@@ -9,9 +9,12 @@ use crate::guard::Ctx;
 pub async fn probe_all(ctx: &Ctx) -> Vec<Backend> {
     let cfg = &ctx.config.file;
     let tcti = &cfg.tpm.tcti;
-    let tpm = match tcti.strip_prefix("device:") {
-        Some(dev) => present("tpm", std::path::Path::new(dev), tcti),
-        None => Backend { name: "tpm".into(), available: true, detail: tcti.clone() },
+    // Bounded (piccolo_tpm::CONNECT_TIMEOUT) and off the async thread.
+    let probe_tcti = tcti.clone();
+    let tpm = match tokio::task::spawn_blocking(move || piccolo_tpm::probe(&probe_tcti)).await {
+        Ok(Ok(())) => Backend { name: "tpm".into(), available: true, detail: tcti.clone() },
+        Ok(Err(e)) => Backend { name: "tpm".into(), available: false, detail: e.to_string() },
+        Err(e) => Backend { name: "tpm".into(), available: false, detail: format!("probe failed: {e}") },
     };
     let efi = efi(&cfg.efi.efivars_root);
     let update_engine = crate::handlers::update_engine::backend(ctx).await;

@@ -11,6 +11,7 @@ mod disks;
 mod efi;
 mod output;
 mod update_engine;
+mod tpm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -61,6 +62,9 @@ enum Cmd {
     /// Flatcar's update_engine: status, live status changes, reset.
     #[command(subcommand)]
     UpdateEngine(update_engine::UpdateEngineCmd),
+    /// The TPM: device identity, PCRs, sealing and unsealing secrets.
+    #[command(subcommand)]
+    Tpm(tpm::TpmCmd),
 }
 
 /// A failure to report: message on stderr, exit status.
@@ -98,6 +102,7 @@ fn main() -> ExitCode {
             Cmd::Install(a) => disks::install(&socket, a).await,
             Cmd::Efi(cmd) => efi::run(&socket, cmd).await,
             Cmd::UpdateEngine(cmd) => update_engine::run(&socket, cmd).await,
+            Cmd::Tpm(cmd) => tpm::run(&socket, cmd).await,
         }
     });
     match result {

@@ -72,6 +72,15 @@ rpcs! {
     GetUpdateEngineStatus => ("UpdateEngine", false, None),
     WatchUpdateEngine => ("UpdateEngine", false, None),
     ResetUpdateEngine => ("UpdateEngine", true, None),
+    GetDeviceIdentity => ("Tpm", false, None),
+    ReadPcrs => ("Tpm", false, None),
+    SealSecret => ("Tpm", false, None),
+    UnsealSecret => ("Tpm", false, None),
+    ResealSecret => ("Tpm", false, None),
+    GetDeviceTokenKey => ("Tpm", false, None),
+    SignDeviceToken => ("Tpm", false, None),
+    EnrollDiskTpm => ("Tpm", true, Some("partitions")),
+    ResealDiskTpm => ("Tpm", true, Some("partitions")),
 }
 
 impl Rpc {

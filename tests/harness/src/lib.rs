@@ -10,5 +10,6 @@ pub mod dbus;
 pub mod disks;
 pub mod ext4;
 pub mod peer;
+pub mod luks;
 pub mod swtpm;
 pub mod users;
