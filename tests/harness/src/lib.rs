@@ -8,4 +8,5 @@ pub mod bins;
 pub mod broker;
 pub mod disks;
 pub mod swtpm;
+pub mod updater;
 pub mod users;
