@@ -32,7 +32,7 @@ fn kill_during_download_then_restart_downloads_again() {
     // Restart with a fast server: recovery notes the interruption and checks again at once.
     r.server.set_scenario(&available(&r.payload, "1.1.0"));
     r.updater.restart();
-    let s = r.updater.wait_for(60, "rebooting", |s| phase(s) == "rebooting");
+    let s = wait_rebooting(&r, 60);
     let a = attempt(&s, "1.1.0").unwrap();
     assert_eq!((a["state"].as_str(), a["attempts"].as_u64()), (Some("staged"), Some(2)), "{s}");
     assert_eq!(cgpt_show(&r.img, USR_B), (2, 1, false));
@@ -65,7 +65,7 @@ fn kill_before_activation_boots_old_and_restart_activates() {
 
     let downloads = r.server.payload_requests().len();
     r.updater.restart();
-    let s = r.updater.wait_for(30, "rebooting", |s| phase(s) == "rebooting");
+    let s = wait_rebooting(&r, 30);
     assert_eq!(attempt(&s, "1.1.0").unwrap()["attempts"], 1, "no second download: {s}");
     assert_eq!(r.server.payload_requests().len(), downloads);
     assert_eq!(cgpt_show(&r.img, USR_B), (2, 1, false));
@@ -81,7 +81,7 @@ fn kill_after_activation_is_recognised_as_staged() {
     let st = r.boot_state();
     assert_eq!((st.next_boot, st.fallback), (2, 1), "B next, A fallback");
     r.updater.restart();
-    let s = r.updater.wait_for(30, "rebooting", |s| phase(s) == "rebooting");
+    let s = wait_rebooting(&r, 30);
     assert_eq!(attempt(&s, "1.1.0").unwrap()["state"], "staged");
     assert_eq!(r.reboot_requests(), "delay=0\n");
     // Power fails again on B before the health check: GRUB falls back to A.

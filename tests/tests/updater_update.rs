@@ -26,14 +26,16 @@ fn update_reboot_health_ok_marked_good() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     let (code, out) = r.ctl(&["check"]);
     assert_eq!(code, 0, "{out}");
-    let s = r.updater.wait_for(30, "rebooting", |s| phase(s) == "rebooting" && s["message"].as_str().unwrap().contains("reboot requested"));
+    let s = r.updater.wait_for(30, "rebooting", |s| {
+        phase(s) == "rebooting" && s["message"].as_str().unwrap().contains("reboot requested")
+    });
     assert_eq!(s["version"], "1.1.0");
     let follow = follow.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&follow.stdout);
     assert!(follow.status.success(), "{text}{}", String::from_utf8_lossy(&follow.stderr));
     assert!(text.lines().any(|l| l.starts_with("checking")), "{text}");
     assert!(text.lines().any(|l| l.starts_with("downloading  1.1.0  ") && l.contains("% (")), "{text}");
-    assert!(text.lines().any(|l| l.starts_with("downloading  1.1.0  100% (3158073 of 3158073 bytes)")), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("verifying  1.1.0  100% (3158073 of 3158073 bytes)")), "{text}");
     assert!(text.lines().last().unwrap().starts_with("rebooting  1.1.0"), "{text}");
 
     // The broker wrote, verified and activated USR-B and was asked to reboot.
@@ -78,7 +80,7 @@ fn health_failure_falls_back_and_the_version_is_never_retried() {
     let mut r = Rig::start(None);
     let (code, out) = r.ctl(&["check"]);
     assert_eq!(code, 0, "{out}");
-    r.updater.wait_for(30, "rebooting", |s| phase(s) == "rebooting");
+    wait_rebooting(&r, 30);
     assert_eq!(r.reboot(), USR_B);
 
     // A required worker socket is missing: not marked, exit 1.
@@ -121,7 +123,7 @@ fn health_failure_falls_back_and_the_version_is_never_retried() {
     // The operator may insist.
     let (code, out) = r.ctl(&["check", "--force"]);
     assert_eq!(code, 0, "{out}");
-    r.updater.wait_for(30, "rebooting", |s| phase(s) == "rebooting");
+    wait_rebooting(&r, 30);
     assert_eq!(cgpt_show(&r.img, USR_B), (2, 1, false));
 }
 
@@ -146,7 +148,7 @@ fn window_defers_the_reboot_and_apply_overrides_it() {
     let (code, out) = r.ctl(&["window", "00:00", "00:00"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("00:00-00:00 UTC (any time)"), "{out}");
-    r.updater.wait_for(10, "rebooting", |s| phase(s) == "rebooting");
+    wait_rebooting(&r, 10);
     assert_eq!(r.reboot_requests(), "delay=0\n");
 }
 
@@ -167,7 +169,7 @@ fn apply_now_reboots_outside_the_window_and_control_is_authorised() {
     assert_eq!(o.status.code(), Some(3));
     let o = r.updater.ctl_as("piccolo-api", &["apply"]);
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
-    r.updater.wait_for(30, "rebooting", |s| phase(s) == "rebooting");
+    wait_rebooting(&r, 30);
     assert_eq!(r.reboot_requests(), "delay=0\n");
     assert_eq!(cgpt_show(&r.img, USR_B), (2, 1, false));
 }

@@ -72,7 +72,10 @@ impl UpdateServer {
 
     /// Requests for payloads so far.
     pub fn payload_requests(&self) -> Vec<serde_json::Value> {
-        self.requests().into_iter().filter(|r| r["path"].as_str().is_some_and(|p| p.starts_with("/payloads/"))).collect()
+        self.requests()
+            .into_iter()
+            .filter(|r| r["path"].as_str().is_some_and(|p| p.starts_with("/payloads/")))
+            .collect()
     }
 }
 
@@ -151,7 +154,8 @@ impl Updater {
         let config = dir.path().join("updater.toml");
         std::fs::write(&config, cfg).expect("config");
         let stderr = dir.path().join("updater.stderr");
-        let mut up = Updater { dir, socket, state_dir, config, version_file, env: Vec::new(), child: None, stderr, run: 0 };
+        let mut up =
+            Updater { dir, socket, state_dir, config, version_file, env: Vec::new(), child: None, stderr, run: 0 };
         up.spawn();
         up
     }

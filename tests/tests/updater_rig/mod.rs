@@ -50,7 +50,9 @@ pub struct Rig {
 }
 
 pub fn payload(len: usize, salt: u32) -> Vec<u8> {
-    (0..len).map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(salt) >> 13).to_le_bytes()[0]).collect()
+    (0..len as u64)
+        .map(|i| ((i.wrapping_mul(2_654_435_761).wrapping_add(u64::from(salt))) >> 13).to_le_bytes()[0])
+        .collect()
 }
 
 pub fn available(rig_payload: &std::path::Path, version: &str) -> Value {
@@ -196,4 +198,11 @@ pub fn phase(s: &Value) -> &str {
 /// The record entry for `version` in a status.
 pub fn attempt<'a>(s: &'a Value, version: &str) -> Option<&'a Value> {
     s["attempts"].as_array()?.iter().find(|a| a["version"] == version)
+}
+
+/// Waits until the worker has asked the broker to reboot.
+pub fn wait_rebooting(r: &Rig, secs: u64) -> Value {
+    r.updater.wait_for(secs, "reboot requested", |s| {
+        phase(s) == "rebooting" && s["message"].as_str().is_some_and(|m| m.contains("reboot requested"))
+    })
 }

@@ -55,7 +55,7 @@ struct Scenario {
     wrong_sha256: Option<String>,
     /// The check answers 500.
     check_500: bool,
-    /// The first N payload requests answer 500.
+    /// The first N payload requests (of this scenario) answer 500.
     payload_500_count: u32,
     /// Every payload response stops at this absolute offset (the transfer never completes).
     truncate_at: Option<u64>,
@@ -68,12 +68,20 @@ struct Scenario {
 struct Server {
     dir: PathBuf,
     release: ed25519_dalek::SigningKey,
+    /// Payload requests since the scenario last changed.
     payload_requests: AtomicU32,
+    last_scenario: std::sync::Mutex<String>,
 }
 
 impl Server {
     fn scenario(&self) -> Scenario {
         let text = std::fs::read_to_string(self.dir.join("scenario.json")).unwrap_or_else(|_| "{}".into());
+        let mut last = self.last_scenario.lock().unwrap_or_else(|p| p.into_inner());
+        if *last != text {
+            // A new scenario counts its payload requests from zero.
+            self.payload_requests.store(0, Ordering::SeqCst);
+            *last = text.clone();
+        }
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("scenario.json: {e}"))
     }
 
@@ -225,6 +233,7 @@ fn main() {
         dir: args.dir.clone(),
         release,
         payload_requests: AtomicU32::new(0),
+        last_scenario: std::sync::Mutex::new(String::new()),
     });
     let app = Router::new()
         .route("/api/v1/updates/check", get(check))
