@@ -8,6 +8,7 @@ mod audit;
 mod boot;
 mod broker;
 mod disks;
+mod efi;
 mod output;
 mod update;
 
@@ -62,6 +63,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: update::UpdateCmd,
     },
+    /// EFI variables the broker policy allows (BootNext, LoaderEntryOneShot, ...).
+    #[command(subcommand)]
+    Efi(efi::EfiCmd),
 }
 
 /// A failure to report: message on stderr, exit status.
@@ -98,6 +102,7 @@ fn main() -> ExitCode {
             Cmd::Disks { json } => disks::list(&socket, json).await,
             Cmd::Install(a) => disks::install(&socket, a).await,
             Cmd::Update { updater_socket, cmd } => update::run(&update::socket(updater_socket), cmd).await,
+            Cmd::Efi(cmd) => efi::run(&socket, cmd).await,
         }
     });
     match result {

@@ -62,6 +62,9 @@ rpcs! {
     ListDisks => ("Disks", false, None),
     PlanInstall => ("Disks", false, None),
     InstallToDisk => ("Disks", true, Some("disks")),
+    GetEfiVariable => ("Efi", false, Some("efi_variables")),
+    SetEfiVariable => ("Efi", true, Some("efi_variables")),
+    DeleteEfiVariable => ("Efi", true, Some("efi_variables")),
 }
 
 impl Rpc {

@@ -7,6 +7,7 @@
 pub mod boot;
 pub mod broker_svc;
 pub mod disks;
+pub mod efi;
 
 use piccolo_proto::paths::MAX_MESSAGE_BYTES;
 use tonic::service::{Routes, RoutesBuilder};
@@ -29,6 +30,11 @@ pub fn routes(ctx: &Shared) -> Routes {
     );
     b.add_service(
         piccolo_proto::v1::disks_server::DisksServer::new(disks::DisksSvc::new(ctx.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    );
+    b.add_service(
+        piccolo_proto::v1::efi_server::EfiServer::new(efi::EfiSvc::new(ctx.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
     );

@@ -7,6 +7,7 @@
 pub mod bins;
 pub mod broker;
 pub mod disks;
+pub mod ext4;
 pub mod swtpm;
 pub mod updater;
 pub mod users;
