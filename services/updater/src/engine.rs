@@ -402,6 +402,12 @@ impl Engine {
             self.board.phase(Phase::Verifying, v, "the broker checks the digest and reads the slot back");
         }
         let written = writer.await.map_err(|e| Error::Precondition(format!("write task: {e}")))?;
+        // The broker ending the stream early says why in its own answer.
+        if let (Err(Error::Download { reason, .. }), Err(b)) = (&fetched, &written)
+            && reason.contains("closed the write stream")
+        {
+            return Err(Error::Precondition(b.to_string()));
+        }
         let digest = fetched?;
         if digest != offer.sha256 {
             return Err(Error::Digest { expected: offer.sha256.clone(), actual: digest });

@@ -34,11 +34,16 @@ impl Board {
         self.tx.subscribe()
     }
 
-    /// Changes the status with `f`.
+    /// Changes the status with `f`; watchers are woken (and `seq` bumped) only on a change.
     pub fn set(&self, f: impl FnOnce(&mut StatusResponse)) {
-        self.tx.send_modify(|s| {
+        self.tx.send_if_modified(|s| {
+            let before = s.clone();
             f(s);
-            s.seq += 1;
+            let changed = *s != before;
+            if changed {
+                s.seq += 1;
+            }
+            changed
         });
     }
 
