@@ -94,10 +94,12 @@ fn health_failure_falls_back_and_the_version_is_never_retried() {
 
     // Next boot: B has no tries and is not good, GRUB falls back to A.
     assert_eq!(r.reboot(), USR_A);
-    let s = r.updater.wait_for(20, "failed", |s| attempt(s, "1.1.0").is_some_and(|a| a["state"] == "failed"));
+    let s = r.updater.wait_for(20, "failed", |s| {
+        phase(s) == "failed" && attempt(s, "1.1.0").is_some_and(|a| a["state"] == "failed")
+    });
     let reason = attempt(&s, "1.1.0").unwrap()["reason"].as_str().unwrap().to_owned();
     assert!(reason.contains("fell back to USR-A") && reason.contains("not retried automatically"), "{reason}");
-    assert_eq!(phase(&s), "failed");
+    assert_eq!(s["message"], reason.as_str(), "the phase names the reason");
     // Visible to the operator in the plain status too.
     let (_, out) = r.ctl(&["status"]);
     assert!(out.contains("1.1.0") && out.contains("fell back to USR-A"), "{out}");
