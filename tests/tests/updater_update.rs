@@ -57,6 +57,17 @@ fn update_reboot_health_ok_marked_good() {
     assert!(s["message"].as_str().unwrap().contains("waiting for the health check"), "{s}");
     assert_eq!(cgpt_show(&r.img, USR_B), (2, 0, false));
 
+    // A newer version offered now must not touch USR-A: it is this unconfirmed boot's fallback.
+    let p2 = r.dir.path().join("payload-1.2.0");
+    std::fs::write(&p2, payload(1 << 20, 2)).unwrap();
+    r.server.set_scenario(&available(&p2, "1.2.0"));
+    let before = std::fs::read(&r.img).unwrap();
+    let (_, out) = r.ctl(&["check"]);
+    let s = r.updater.wait_for(20, "refused", |s| phase(s) == "failed");
+    assert!(s["message"].as_str().unwrap().contains("not marked good yet"), "{s} {out}");
+    assert!(before == std::fs::read(&r.img).unwrap(), "the fallback slot was touched");
+    r.server.set_scenario(&available(&r.payload, "1.1.0"));
+
     // The health gate: broker and the updater's socket are up → mark good.
     let cfg = r.health_config("health.toml", &[&r.updater.socket], 10);
     let o = piccolo_testkit::updater::health_as("piccolo-updater", &cfg);

@@ -45,6 +45,7 @@ pub struct Engine {
     reboot_now: AtomicBool,
     next_check: AtomicU64,
     wake: Notify,
+    recovered: AtomicBool,
 }
 
 /// What a job was asked to do.
@@ -85,6 +86,7 @@ impl Engine {
             reboot_now: AtomicBool::new(false),
             next_check: AtomicU64::new(first),
             wake: Notify::new(),
+            recovered: AtomicBool::new(false),
             cfg,
         });
         e.refresh_meta();
@@ -136,6 +138,11 @@ impl Engine {
     /// Compares the durable record with the broker's boot state (once the broker answers)
     /// and settles every version that was in flight when the worker last stopped.
     pub async fn recover(self: &Arc<Self>) {
+        self.recover_inner().await;
+        self.recovered.store(true, Ordering::SeqCst);
+    }
+
+    async fn recover_inner(self: &Arc<Self>) {
         let st = loop {
             match self.boot.state().await {
                 Ok(st) => break st,
@@ -258,6 +265,9 @@ impl Engine {
         opts: JobOptions,
         checked: Option<oneshot::Sender<Result<StatusResponse, Error>>>,
     ) -> Result<(), Error> {
+        if !self.recovered.load(Ordering::SeqCst) {
+            return Err(Error::Busy("recovering: waiting for the broker's boot state".into()));
+        }
         let guard = self.job.clone().try_lock_owned().map_err(|_| self.busy())?;
         let this = self.clone();
         tokio::spawn(async move { this.job(guard, opts, checked).await });
@@ -368,6 +378,21 @@ impl Engine {
     /// Prepare, stream, verify, activate.
     async fn install(&self, offer: &Offer) -> Result<(), Error> {
         let v = &offer.version;
+        // Preparing the inactive slot wipes the fallback: never while this boot is unconfirmed.
+        let now_st = self.boot.state().await?;
+        if !slot_by_label(&now_st, slot_label(now_st.booted)).is_some_and(|s| s.successful) {
+            return Err(Error::Precondition(format!(
+                "the running boot ({}) is not marked good yet; the other slot is its fallback and stays untouched",
+                slot_label(now_st.booted)
+            )));
+        }
+        // A newer offer replaces whatever was staged or in flight for another version.
+        if let Some((old, _)) = self.rec(|s| s.in_flight()).filter(|(old, _)| old != v) {
+            self.note(&old, |a| {
+                a.state = AttemptState::Failed;
+                a.reason = format!("superseded by {v}");
+            })?;
+        }
         self.note(v, |a| {
             a.state = AttemptState::Downloading;
             a.attempts += 1;
