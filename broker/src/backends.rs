@@ -23,7 +23,8 @@ pub async fn probe_all(ctx: &Ctx) -> Vec<Backend> {
         Some(d) => present("os_disk", d, &d.display().to_string()),
         None => Backend { name: "os_disk".into(), available: false, detail: "no OS disk configured".into() },
     };
-    vec![tpm, efi, update_engine, os_disk]
+    let gocryptfs = present("gocryptfs", &cfg.volumes.gocryptfs, &cfg.volumes.state_dir.display().to_string());
+    vec![tpm, efi, update_engine, os_disk, gocryptfs]
 }
 
 /// The efivarfs root: a real efivarfs (statfs magic), a plain directory standing in for one,

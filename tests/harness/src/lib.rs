@@ -8,6 +8,7 @@ pub mod bins;
 pub mod broker;
 pub mod disks;
 pub mod ext4;
+pub mod peer;
 pub mod swtpm;
 pub mod updater;
 pub mod users;
