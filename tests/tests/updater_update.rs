@@ -52,9 +52,11 @@ fn update_reboot_health_ok_marked_good() {
 
     // GRUB boots B (its one try); the worker sees it runs the new version, not yet good.
     assert_eq!(r.reboot(), USR_B);
-    let s = r.updater.wait_for(20, "booted", |s| attempt(s, "1.1.0").is_some_and(|a| a["state"] == "booted"));
+    let s = r.updater.wait_for(20, "booted", |s| {
+        attempt(s, "1.1.0").is_some_and(|a| a["state"] == "booted")
+            && s["message"].as_str().unwrap().contains("waiting for the health check")
+    });
     assert_eq!(s["current_version"], "1.1.0");
-    assert!(s["message"].as_str().unwrap().contains("waiting for the health check"), "{s}");
     assert_eq!(cgpt_show(&r.img, USR_B), (2, 0, false));
 
     // A newer version offered now must not touch USR-A: it is this unconfirmed boot's fallback.

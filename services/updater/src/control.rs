@@ -24,6 +24,9 @@ use crate::engine::{Engine, JobOptions};
 use crate::error::Error;
 use crate::window::Window;
 
+/// How long a command right after start waits for recovery before answering "busy".
+const RECOVERY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// One RPC of the control socket: who may call it and why.
 pub struct Entry {
     /// Method name.
@@ -126,6 +129,7 @@ impl Control {
     }
 
     async fn job(&self, opts: JobOptions) -> Result<StatusResponse, Status> {
+        self.engine.wait_recovered(RECOVERY_WAIT).await;
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.engine.start_job(opts, Some(tx))?;
         match rx.await {
@@ -163,6 +167,7 @@ impl Updater for Control {
 
     async fn apply_now(&self, req: Request<ApplyNowRequest>) -> Result<Response<ApplyNowResponse>, Status> {
         self.authz.check(&req, "ApplyNow")?;
+        self.engine.wait_recovered(RECOVERY_WAIT).await;
         self.engine.apply_now(req.into_inner().force)?;
         Ok(Response::new(ApplyNowResponse { status: Some(self.engine.status()) }))
     }

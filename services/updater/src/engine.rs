@@ -259,6 +259,19 @@ impl Engine {
 
     // ---- the job --------------------------------------------------------------------
 
+    /// Whether start-up recovery has finished (jobs are refused before).
+    pub fn recovered(&self) -> bool {
+        self.recovered.load(Ordering::SeqCst)
+    }
+
+    /// Waits up to `limit` for start-up recovery (operator commands right after a start).
+    pub async fn wait_recovered(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.recovered() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Starts a job if none runs. `checked` gets the status once the check has an answer.
     pub fn start_job(
         self: &Arc<Self>,
