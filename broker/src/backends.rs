@@ -14,11 +14,7 @@ pub async fn probe_all(ctx: &Ctx) -> Vec<Backend> {
         None => Backend { name: "tpm".into(), available: true, detail: tcti.clone() },
     };
     let efi = efi(&cfg.efi.efivars_root);
-    let update_engine = Backend {
-        name: "update_engine".into(),
-        available: false,
-        detail: "update_engine client not configured".into(),
-    };
+    let update_engine = crate::handlers::update_engine::backend(ctx).await;
     let os_disk = match &cfg.boot.os_disk {
         Some(d) => present("os_disk", d, &d.display().to_string()),
         None => Backend { name: "os_disk".into(), available: false, detail: "no OS disk configured".into() },

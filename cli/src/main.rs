@@ -11,6 +11,7 @@ mod disks;
 mod efi;
 mod output;
 mod update;
+mod update_engine;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -66,6 +67,9 @@ enum Cmd {
     /// EFI variables the broker policy allows (BootNext, LoaderEntryOneShot, ...).
     #[command(subcommand)]
     Efi(efi::EfiCmd),
+    /// Flatcar's update_engine: status, live status changes, reset.
+    #[command(subcommand)]
+    UpdateEngine(update_engine::UpdateEngineCmd),
 }
 
 /// A failure to report: message on stderr, exit status.
@@ -103,6 +107,7 @@ fn main() -> ExitCode {
             Cmd::Install(a) => disks::install(&socket, a).await,
             Cmd::Update { updater_socket, cmd } => update::run(&update::socket(updater_socket), cmd).await,
             Cmd::Efi(cmd) => efi::run(&socket, cmd).await,
+            Cmd::UpdateEngine(cmd) => update_engine::run(&socket, cmd).await,
         }
     });
     match result {

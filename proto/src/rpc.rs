@@ -69,6 +69,9 @@ rpcs! {
     MountVolume => ("Volumes", true, Some("volumes")),
     UnmountVolume => ("Volumes", true, Some("volumes")),
     VolumeStatus => ("Volumes", false, Some("volumes")),
+    GetUpdateEngineStatus => ("UpdateEngine", false, None),
+    WatchUpdateEngine => ("UpdateEngine", false, None),
+    ResetUpdateEngine => ("UpdateEngine", true, None),
 }
 
 impl Rpc {

@@ -8,6 +8,7 @@ pub mod boot;
 pub mod broker_svc;
 pub mod disks;
 pub mod efi;
+pub mod update_engine;
 pub mod volumes;
 
 use piccolo_proto::paths::MAX_MESSAGE_BYTES;
@@ -32,5 +33,6 @@ pub fn routes(ctx: &Shared) -> Routes {
     serve!(v1::disks_server::DisksServer::new(disks::DisksSvc::new(ctx.clone())));
     serve!(v1::efi_server::EfiServer::new(efi::EfiSvc::new(ctx.clone())));
     serve!(v1::volumes_server::VolumesServer::new(volumes::VolumesSvc::new(ctx.clone())));
+    serve!(v1::update_engine_server::UpdateEngineServer::new(update_engine::UpdateEngineSvc::new(ctx.clone())));
     b.routes()
 }

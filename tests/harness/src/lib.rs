@@ -6,6 +6,7 @@
 
 pub mod bins;
 pub mod broker;
+pub mod dbus;
 pub mod disks;
 pub mod ext4;
 pub mod peer;
