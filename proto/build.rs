@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Compiles every `.proto` under `proto/piccolo/broker/v1`, so adding a service is adding a file.
+//! Compiles every `.proto` under `proto/piccolo/broker/v1` (adding a broker service is adding a
+//! file) and the update worker's `proto/piccolo/updater/v1/updater.proto`.
 
 use std::path::PathBuf;
 
@@ -10,6 +11,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .filter(|p| p.extension().is_some_and(|x| x == "proto"))
         .collect();
     files.sort();
+    let updater = PathBuf::from("proto/piccolo/updater/v1/updater.proto");
+    println!("cargo:rerun-if-changed={}", updater.display());
+    files.push(updater);
     println!("cargo:rerun-if-changed={}", dir.display());
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());

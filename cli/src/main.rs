@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-//! `piccoloctl`: the operator's view of the broker and its audit log.
+//! `piccoloctl`: the operator's view of the broker, its audit log and the update worker.
 //!
 //! Owns: argument parsing, output formatting, exit codes. Must never: talk to anything but
 //! the broker socket and the audit files, or print a secret it was given.
@@ -10,8 +10,9 @@ mod broker;
 mod disks;
 mod efi;
 mod output;
-mod update_engine;
 mod tpm;
+mod update;
+mod update_engine;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,6 +57,14 @@ enum Cmd {
     },
     /// Install an OS image onto another disk (dry run with --plan).
     Install(disks::InstallArgs),
+    /// The update worker: status (--follow), check, apply, cancel, rollback, window.
+    Update {
+        /// Update worker socket (default: $PICCOLO_UPDATER_SOCKET or /run/piccolo-updater/updater.sock).
+        #[arg(long)]
+        updater_socket: Option<PathBuf>,
+        #[command(subcommand)]
+        cmd: update::UpdateCmd,
+    },
     /// EFI variables the broker policy allows (BootNext, LoaderEntryOneShot, ...).
     #[command(subcommand)]
     Efi(efi::EfiCmd),
@@ -100,6 +109,7 @@ fn main() -> ExitCode {
             Cmd::Boot(cmd) => boot::run(&socket, cmd).await,
             Cmd::Disks { json } => disks::list(&socket, json).await,
             Cmd::Install(a) => disks::install(&socket, a).await,
+            Cmd::Update { updater_socket, cmd } => update::run(&update::socket(updater_socket), cmd).await,
             Cmd::Efi(cmd) => efi::run(&socket, cmd).await,
             Cmd::UpdateEngine(cmd) => update_engine::run(&socket, cmd).await,
             Cmd::Tpm(cmd) => tpm::run(&socket, cmd).await,

@@ -15,4 +15,13 @@ pub mod v1 {
     tonic::include_proto!("piccolo.broker.v1");
 }
 
+/// Generated messages and services of `piccolo.updater.v1` (the update worker's socket).
+pub mod updater {
+    /// Version 1.
+    #[allow(missing_docs, clippy::all, clippy::pedantic)]
+    pub mod v1 {
+        tonic::include_proto!("piccolo.updater.v1");
+    }
+}
+
 pub use rpc::{RPCS, Rpc, RpcSpec};
