@@ -1,0 +1,98 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Health, boot state and the event stream.
+
+use std::convert::Infallible;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream;
+use serde::Serialize;
+use tokio::sync::broadcast::error::RecvError;
+use utoipa::ToSchema;
+
+use super::json;
+use crate::auth::Auth;
+use crate::backend::LockState;
+use crate::boot::BootStateView;
+use crate::error::{ApiError, ErrorBody};
+use crate::events::Event;
+use crate::state::SharedState;
+
+/// Liveness.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Live {
+    /// Always `ok`.
+    pub status: String,
+}
+
+/// Readiness.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Ready {
+    /// Always `ready` when answered.
+    pub status: String,
+    /// The control store's lock state.
+    pub state: LockState,
+}
+
+/// Liveness: the worker answers.
+#[utoipa::path(get, path = "/api/v1/health/live", tag = "health",
+    responses((status = 200, description = "Alive", body = Live)))]
+pub async fn live() -> Response {
+    json(StatusCode::OK, Live { status: "ok".into() })
+}
+
+/// Readiness: the worker serves requests (locked or not; the state says which).
+#[utoipa::path(get, path = "/api/v1/health/ready", tag = "health",
+    responses((status = 200, description = "Ready", body = Ready)))]
+pub async fn ready(State(state): State<SharedState>) -> Response {
+    json(StatusCode::OK, Ready { status: "ready".into(), state: state.backend.lock_state() })
+}
+
+/// The A/B boot state, from the broker.
+#[utoipa::path(get, path = "/api/v1/boot", tag = "system", security(("bearer" = []), ("cookie" = [])),
+    responses(
+        (status = 200, description = "Boot state", body = BootStateView),
+        (status = 401, description = "Not logged in", body = ErrorBody),
+        (status = 423, description = "Locked", body = ErrorBody),
+        (status = 503, description = "Broker unreachable or refused", body = ErrorBody),
+    ))]
+pub async fn boot_state(State(state): State<SharedState>, _auth: Auth) -> Result<Response, ApiError> {
+    let view = crate::boot::fetch(&state.cfg.broker_socket).await?;
+    Ok(json(StatusCode::OK, view))
+}
+
+/// Server-sent events: `lock` (lock state; sent first on connect) and `boot` (boot state
+/// changes). The stream ends after the event that ends the session (lock, import, password
+/// change).
+#[utoipa::path(get, path = "/api/v1/events", tag = "system", security(("bearer" = []), ("cookie" = [])),
+    responses(
+        (status = 200, description = "An event stream; each `data:` is one Event as JSON", body = Event, content_type = "text/event-stream"),
+        (status = 401, description = "Not logged in", body = ErrorBody),
+        (status = 423, description = "Locked", body = ErrorBody),
+    ))]
+pub async fn events(State(state): State<SharedState>, auth: Auth) -> Response {
+    let rx = state.events.subscribe();
+    let first = Event::lock(state.backend.lock_state());
+    let s = stream::unfold((Some(first), rx, false, state, auth.session), |(pending, mut rx, done, st, sid)| async move {
+        if done {
+            return None;
+        }
+        let ev = match pending {
+            Some(ev) => ev,
+            None => loop {
+                match rx.recv().await {
+                    Ok(ev) => break ev,
+                    Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Closed) => return None,
+                }
+            },
+        };
+        let done = !st.sessions.is_live(&sid);
+        let sse = SseEvent::default().event(ev.name()).json_data(&ev).unwrap_or_default();
+        Some((Ok::<_, Infallible>(sse), (None, rx, done, st, sid)))
+    });
+    Sse::new(s).keep_alive(KeepAlive::default()).into_response()
+}
+
