@@ -260,6 +260,12 @@ impl FromRequestParts<SharedState> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Auth, ApiError> {
+        // No credential at all: 401 whatever the state. A credential while locked: 423
+        // (sessions end at lock, so the store must be unlocked and the client log in again).
+        let has_cookie = cookie_value(parts, SESSION_COOKIE).is_some();
+        if !has_cookie && !parts.headers.contains_key(header::AUTHORIZATION) {
+            return Err(ApiError::Unauthenticated);
+        }
         require_unlocked(state.backend.as_ref())?;
         let sessions = &state.sessions;
         let bearer = parts

@@ -40,6 +40,9 @@ pub enum ApiError {
     /// A password, recovery key or setup code was wrong.
     #[error("{0}")]
     WrongCredentials(&'static str),
+    /// A recovery key with a typo (wrong length, character or checksum).
+    #[error("{0}")]
+    MistypedRecoveryKey(String),
     /// A cookie-authenticated unsafe request without the session's CSRF token.
     #[error("missing or wrong CSRF token (send the X-CSRF-Token header)")]
     Csrf,
@@ -85,6 +88,7 @@ impl ApiError {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthenticated"),
             ApiError::WrongCredentials(_) => (StatusCode::UNAUTHORIZED, "wrong_credentials"),
+            ApiError::MistypedRecoveryKey(_) => (StatusCode::UNAUTHORIZED, "recovery_key_mistyped"),
             ApiError::Csrf => (StatusCode::FORBIDDEN, "csrf"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),

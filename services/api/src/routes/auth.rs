@@ -12,13 +12,14 @@ use utoipa::ToSchema;
 
 use super::{ApiJson, checked, json, password};
 use crate::auth::{Auth, AuthVia, Issued, clear_cookie, session_cookie};
-use crate::backend::{BackendError, LockState};
+use crate::backend::LockState;
 use crate::error::{ApiError, ErrorBody};
 use crate::events::Event;
 use crate::state::SharedState;
 
 /// First-run setup.
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct SetupRequest {
     /// The one-time code from the journal or `<runtime dir>/setup-code`.
     #[schema(min_length = 1, max_length = 64)]
@@ -39,6 +40,7 @@ pub struct RecoveryKeyResponse {
 
 /// Login with the admin password.
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct LoginRequest {
     /// The admin password.
     #[schema(min_length = 1, max_length = 256)]
@@ -71,6 +73,7 @@ pub struct SessionInfo {
 
 /// Password change.
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ChangePasswordRequest {
     /// The current admin password.
     #[schema(min_length = 1, max_length = 256)]
@@ -82,6 +85,7 @@ pub struct ChangePasswordRequest {
 
 /// Password reset with the recovery key.
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ResetPasswordRequest {
     /// The recovery key (dashes, spaces and case are forgiven).
     #[schema(min_length = 1, max_length = 128)]
@@ -251,8 +255,8 @@ pub async fn change_password(
 #[utoipa::path(post, path = "/api/v1/auth/reset", tag = "auth", request_body = ResetPasswordRequest,
     responses(
         (status = 200, description = "Password reset; log in with the new password", body = StateResponse),
-        (status = 400, description = "Malformed request, mistyped recovery key or weak password", body = ErrorBody),
-        (status = 401, description = "Wrong recovery key", body = ErrorBody),
+        (status = 400, description = "Malformed request or weak password", body = ErrorBody),
+        (status = 401, description = "Wrong or mistyped recovery key", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 423, description = "Not set up", body = ErrorBody),
         (status = 429, description = "Too many attempts", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
@@ -269,15 +273,11 @@ pub async fn reset_password(
     bounded("recovery_key", &req.recovery_key, 1, 128)?;
     let new = password("new_password", req.new_password, MIN_NEW_PASSWORD_CHARS)?;
     state.limiter.check(client.ip())?;
-    let key = RecoveryKey::parse(&req.recovery_key).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let key = RecoveryKey::parse(&req.recovery_key).map_err(|e| ApiError::MistypedRecoveryKey(e.to_string()))?;
     checked(&state, client, move |b| b.reset_password(&key, &new)).await?;
     state.sessions.clear();
     let st = state.clone();
-    super::blocking(&state, move |b| {
-        st.sessions.load_key(b)?;
-        st.sessions.rotate_key(b).map_err(|e: BackendError| e)
-    })
-    .await?;
+    super::blocking(&state, move |b| st.sessions.rotate_key(b)).await?;
     tracing::warn!(client = %client.ip(), "admin password reset with the recovery key; all sessions revoked");
     state.publish(Event::lock(LockState::Unlocked));
     Ok(json(StatusCode::OK, StateResponse { state: LockState::Unlocked }))

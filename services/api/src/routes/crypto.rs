@@ -20,17 +20,26 @@ use crate::state::SharedState;
 
 /// Unlock with exactly one of the two credentials.
 #[derive(Debug, Deserialize, ToSchema)]
-pub struct UnlockRequest {
-    /// The admin password.
-    #[schema(min_length = 1, max_length = 256)]
-    pub password: Option<String>,
-    /// Or the recovery key.
-    #[schema(min_length = 1, max_length = 128)]
-    pub recovery_key: Option<String>,
+#[serde(untagged)]
+pub enum UnlockRequest {
+    /// With the admin password.
+    Password(PasswordRequest),
+    /// With the recovery key.
+    RecoveryKey(RecoveryKeyRequest),
 }
 
-/// Re-entering the password for a sensitive operation.
+/// The recovery key.
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveryKeyRequest {
+    /// The recovery key (dashes, spaces and case are forgiven).
+    #[schema(min_length = 1, max_length = 128)]
+    pub recovery_key: String,
+}
+
+/// The admin password (also: re-entering it for a sensitive operation).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct PasswordRequest {
     /// The admin password.
     #[schema(min_length = 1, max_length = 256)]
@@ -50,7 +59,7 @@ pub async fn status(State(state): State<SharedState>) -> Response {
     responses(
         (status = 200, description = "Unlocked", body = StateResponse),
         (status = 400, description = "Malformed request (give exactly one credential)", body = ErrorBody),
-        (status = 401, description = "Wrong password or recovery key", body = ErrorBody),
+        (status = 401, description = "Wrong password, wrong or mistyped recovery key", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 423, description = "Not set up", body = ErrorBody),
         (status = 429, description = "Too many attempts", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
@@ -65,16 +74,16 @@ pub async fn unlock(
         Password(piccolo_keyset::Password),
         Recovery(RecoveryKey),
     }
-    let cred = match (req.password, req.recovery_key) {
-        (Some(pw), None) => Cred::Password(password("password", pw, 1)?),
-        (None, Some(rk)) => {
+    let cred = match req {
+        UnlockRequest::Password(p) => Cred::Password(password("password", p.password, 1)?),
+        UnlockRequest::RecoveryKey(r) => {
+            let rk = r.recovery_key;
             if rk.is_empty() || rk.chars().count() > 128 {
                 return Err(ApiError::BadRequest("recovery_key must be 1 to 128 characters".into()));
             }
             state.limiter.check(client.ip())?;
-            Cred::Recovery(RecoveryKey::parse(&rk).map_err(|e| ApiError::BadRequest(e.to_string()))?)
+            Cred::Recovery(RecoveryKey::parse(&rk).map_err(|e| ApiError::MistypedRecoveryKey(e.to_string()))?)
         }
-        _ => return Err(ApiError::BadRequest("give exactly one of password and recovery_key".into())),
     };
     match state.backend.lock_state() {
         LockState::Uninitialised => return Err(ApiError::SetupRequired),

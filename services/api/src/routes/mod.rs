@@ -29,6 +29,7 @@ use crate::state::SharedState;
 #[openapi(
     info(title = "piccolo API", description = "The HTTP API of the piccolo control plane. Every error is `{\"error\": {\"code\", \"message\"}}`."),
     modifiers(&SecurityAddon),
+    components(schemas(crate::events::Event)),
     tags(
         (name = "health", description = "Liveness and readiness"),
         (name = "setup", description = "First-run setup"),
