@@ -3,7 +3,7 @@
 # Contract test: starts a real piccolo-api on 127.0.0.1, completes first-run setup, logs in,
 # then lets schemathesis drive every operation of the served /api/v1/openapi.json. It fails
 # on any undocumented status code, response-schema or content-type mismatch, server error,
-# or accepted invalid input (`--checks all`).
+# or accepted invalid input (every check is enabled in schemathesis.toml).
 #   usage: tests/contract/run.sh [TARGET_DIR]   (default: target/debug)
 # Schemathesis comes from PyPI into a venv (PICCOLO_CONTRACT_VENV, default
 # /tmp/piccolo-contract-venv), pinned below.
@@ -43,7 +43,7 @@ login() {
 }
 st() {
   (cd "$repo/tests/contract" && "$venv/bin/schemathesis" --config-file schemathesis.toml run "$base/api/v1/openapi.json" \
-    --checks all --max-examples "$examples" --seed 1 --workers 1 "$@")
+    --max-examples "$examples" --seed 1 --workers 1 "$@")
 }
 # Operations that end the session or the unlocked state go last, so the first pass sees a
 # live session throughout.

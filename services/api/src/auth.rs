@@ -8,8 +8,10 @@
 //! exists, so logout and a password change revoke it at once; the signing key lives in the
 //! control store and is replaced on password change and reset (defence in depth).
 //!
-//! Sessions are held in memory only (bounded; oldest evicted): a worker restart or a lock
-//! ends every session. Session ids are stored as SHA-256 hashes.
+//! Sessions are held in memory only (bounded; oldest evicted), with session ids stored as
+//! SHA-256 hashes. A worker restart, an import, a password change and a reset end every
+//! session; a lock does not: while locked a valid session gets 423 until the store is
+//! unlocked again (the signing key stays in memory for that; the SDEK does not).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError, RwLock};
@@ -136,7 +138,7 @@ impl Sessions {
         Ok(())
     }
 
-    /// Ends every session and forgets the key (on lock and import).
+    /// Ends every session and forgets the key (on import and reset).
     pub fn clear(&self) {
         self.table().clear();
         *self.key.write().unwrap_or_else(PoisonError::into_inner) = None;
@@ -260,13 +262,9 @@ impl FromRequestParts<SharedState> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Auth, ApiError> {
-        // No credential at all: 401 whatever the state. A credential while locked: 423
-        // (sessions end at lock, so the store must be unlocked and the client log in again).
-        let has_cookie = cookie_value(parts, SESSION_COOKIE).is_some();
-        if !has_cookie && !parts.headers.contains_key(header::AUTHORIZATION) {
-            return Err(ApiError::Unauthenticated);
-        }
-        require_unlocked(state.backend.as_ref())?;
+        // Order: a missing or invalid credential is 401 whatever the state; a bad CSRF token
+        // 403; a valid session while the store is locked 423 (sessions survive a lock, so the
+        // client unlocks and carries on).
         let sessions = &state.sessions;
         let bearer = parts
             .headers
@@ -288,6 +286,7 @@ impl FromRequestParts<SharedState> for Auth {
                 return Err(ApiError::Csrf);
             }
         }
+        require_unlocked(state.backend.as_ref())?;
         Ok(Auth {
             session: hash,
             via,

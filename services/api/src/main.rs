@@ -91,19 +91,22 @@ fn main() -> std::process::ExitCode {
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let params = KdfParams { m_cost_kib: args.kdf_memory_kib, t_cost: args.kdf_passes, p_cost: 1 };
     let backend: Arc<dyn Persistence> = Arc::new(KeysetBackend::new(&args.state_dir, params)?);
+    // The code file exists before the socket is bound, so whoever can connect can find it.
+    let (setup, code) = if backend.lock_state() == LockState::Uninitialised {
+        let (setup, code) = SetupCode::generate(&args.runtime_dir)?;
+        (setup, Some(code))
+    } else {
+        (SetupCode::none(), None)
+    };
     let listeners = piccolo_api::listen::listeners(&args.listen).await?;
     let addrs: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
-    let setup = if backend.lock_state() == LockState::Uninitialised {
-        let (setup, code) = SetupCode::generate(&args.runtime_dir)?;
+    if let Some(code) = code {
         let file = args.runtime_dir.join(piccolo_api::setup::SETUP_CODE_FILE);
         let url = addrs.first().map(|a| format!("http://{a}/")).unwrap_or_default();
         // stdout goes to the journal and the console (piccolo-api.service).
         println!("piccolo-api: first-run setup code: {code} (also in {}); open {url} to set up", file.display());
         tracing::warn!(file = %file.display(), "first-run setup pending; the setup code is on stdout and in the file");
-        setup
-    } else {
-        SetupCode::none()
-    };
+    }
     let limits = LimitConfig {
         client_free: args.client_free_attempts,
         global_free: args.global_free_attempts,

@@ -102,7 +102,7 @@ pub async fn unlock(
     Ok(json(StatusCode::OK, StateResponse { state: LockState::Unlocked }))
 }
 
-/// Locks the control store: the SDEK leaves memory and every session ends.
+/// Locks the control store: the SDEK leaves memory; sessions get 423 until unlock.
 #[utoipa::path(post, path = "/api/v1/crypto/lock", tag = "crypto", security(("bearer" = []), ("cookie" = [])),
     responses(
         (status = 200, description = "Locked", body = StateResponse),
@@ -113,7 +113,6 @@ pub async fn unlock(
     ))]
 pub async fn lock(State(state): State<SharedState>, _auth: Auth) -> Result<Response, ApiError> {
     super::blocking(&state, |b| b.lock()).await?;
-    state.sessions.clear();
     tracing::info!("control store locked");
     state.publish(Event::lock(LockState::Locked));
     Ok(json(StatusCode::OK, StateResponse { state: LockState::Locked }))

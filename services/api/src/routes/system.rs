@@ -84,8 +84,8 @@ pub async fn boot_state(State(state): State<SharedState>, _auth: Auth) -> Result
 }
 
 /// Server-sent events: `lock` (lock state; sent first on connect) and `boot` (boot state
-/// changes). The stream ends after the event that ends the session (lock, import, password
-/// change).
+/// changes). The stream ends after the event that ends the session (import, password change
+/// or reset), or after `limit` events.
 #[utoipa::path(get, path = "/api/v1/events", tag = "system", security(("bearer" = []), ("cookie" = [])),
     responses(
         (status = 200, description = "An event stream; each `data:` is one Event as JSON", body = SseMessage, content_type = "text/event-stream"),
