@@ -141,7 +141,11 @@ impl Limiter {
         let checks = Arc::new(Semaphore::new(cfg.max_concurrent_checks.max(1)));
         Limiter {
             cfg,
-            tables: Mutex::new(Tables { clients: HashMap::new(), overflow: Record::new(now), global: Record::new(now) }),
+            tables: Mutex::new(Tables {
+                clients: HashMap::new(),
+                overflow: Record::new(now),
+                global: Record::new(now),
+            }),
             checks,
         }
     }
@@ -156,9 +160,11 @@ impl Limiter {
     pub fn check(&self, ip: IpAddr) -> Result<(), ApiError> {
         let now = Instant::now();
         let t = self.tables();
-        let client = t.clients.get(&client_key(ip)).copied().unwrap_or_else(|| {
-            if t.clients.len() >= self.cfg.max_clients { t.overflow } else { Record::new(now) }
-        });
+        let client = t
+            .clients
+            .get(&client_key(ip))
+            .copied()
+            .unwrap_or_else(|| if t.clients.len() >= self.cfg.max_clients { t.overflow } else { Record::new(now) });
         let wait = [client.retry_after(now), t.global.retry_after(now)].into_iter().flatten().max();
         match wait {
             Some(d) => Err(ApiError::RateLimited { retry_after: secs_ceil(d) }),

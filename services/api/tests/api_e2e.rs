@@ -24,7 +24,9 @@ fn first_run_login_lock_unlock_export_import_unlock_with_the_exports_password() 
         // The setup code: a 0600 file; a wrong code is refused and changes nothing.
         assert_eq!(path_mode(&api.setup_code_file()), 0o600);
         assert!(api.log().contains(&api.setup_code()), "setup code not in the log/journal");
-        let r = api.post_json("/api/v1/setup", &json!({"setup_code": "AAAA-BBBB-CCCC-DDDD", "password": PASSWORD}), &[]).await;
+        let r = api
+            .post_json("/api/v1/setup", &json!({"setup_code": "AAAA-BBBB-CCCC-DDDD", "password": PASSWORD}), &[])
+            .await;
         assert_eq!((r.status, r.error_code().as_str()), (401, "wrong_credentials"));
         assert_eq!(api.get("/api/v1/crypto/status", &[]).await.json()["state"], "uninitialised");
         let recovery = api.setup().await;
@@ -93,8 +95,15 @@ fn first_run_login_lock_unlock_export_import_unlock_with_the_exports_password() 
 
         // Import the export taken under the first password: the store locks, and only the
         // export's password (or its recovery key) opens it.
-        let r = common::request(api.addr, None, "POST", "/api/v1/import", &[("authorization", &s.bearer())], export.body.clone())
-            .await;
+        let r = common::request(
+            api.addr,
+            None,
+            "POST",
+            "/api/v1/import",
+            &[("authorization", &s.bearer())],
+            export.body.clone(),
+        )
+        .await;
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.json()["keyset_replaced"], true);
         assert_eq!(api.get("/api/v1/crypto/status", &[]).await.json()["state"], "locked");
@@ -128,7 +137,11 @@ fn brute_force_gets_429_and_stays_locked_out_even_with_the_correct_password() {
         assert!((1..=2).contains(&retry), "{retry}");
         // The same lock-out covers the recovery-key reset from this client.
         let r = api
-            .post_json_from(me, "/api/v1/auth/reset", &json!({"recovery_key": "0000-0000-0000-0000-0000-0000-0000-0000", "new_password": NEW_PASSWORD}))
+            .post_json_from(
+                me,
+                "/api/v1/auth/reset",
+                &json!({"recovery_key": "0000-0000-0000-0000-0000-0000-0000-0000", "new_password": NEW_PASSWORD}),
+            )
             .await;
         assert_eq!(r.status, 429);
         // Still refused after the first back-off if the guessing continues: it grows.
@@ -152,10 +165,13 @@ fn global_limit_holds_across_addresses() {
         let api = Api::start(&["--client-free-attempts", "100", "--global-free-attempts", "6"]);
         api.setup().await;
         for n in 0..6u8 {
-            let r = api.post_json_from(Ipv4Addr::new(127, 0, 1, n + 1), "/api/v1/auth/login", &json!({"password": "nope"})).await;
+            let r = api
+                .post_json_from(Ipv4Addr::new(127, 0, 1, n + 1), "/api/v1/auth/login", &json!({"password": "nope"}))
+                .await;
             assert_eq!(r.status, 401);
         }
-        let r = api.post_json_from(Ipv4Addr::new(127, 0, 2, 1), "/api/v1/auth/login", &json!({"password": PASSWORD})).await;
+        let r =
+            api.post_json_from(Ipv4Addr::new(127, 0, 2, 1), "/api/v1/auth/login", &json!({"password": PASSWORD})).await;
         assert_eq!((r.status, r.error_code().as_str()), (429, "rate_limited"));
     });
 }
@@ -174,9 +190,16 @@ fn a_flood_of_concurrent_guesses_is_bounded() {
             let addr = api.addr;
             tasks.push(tokio::spawn(async move {
                 let body = serde_json::to_vec(&json!({"password": format!("flood {i}")})).unwrap();
-                common::request(addr, None, "POST", "/api/v1/crypto/unlock", &[("content-type", "application/json")], body)
-                    .await
-                    .status
+                common::request(
+                    addr,
+                    None,
+                    "POST",
+                    "/api/v1/crypto/unlock",
+                    &[("content-type", "application/json")],
+                    body,
+                )
+                .await
+                .status
             }));
         }
         let mut checked = 0;
@@ -203,12 +226,14 @@ fn cookie_requests_without_the_csrf_token_are_403() {
         let s = api.login(PASSWORD).await;
         let r = api.post_json("/api/v1/crypto/lock", &json!({}), &[("cookie", &s.cookie)]).await;
         assert_eq!((r.status, r.error_code().as_str()), (403, "csrf"));
-        let r = api.post_json("/api/v1/crypto/lock", &json!({}), &[("cookie", &s.cookie), ("x-csrf-token", "wrong")]).await;
+        let r =
+            api.post_json("/api/v1/crypto/lock", &json!({}), &[("cookie", &s.cookie), ("x-csrf-token", "wrong")]).await;
         assert_eq!((r.status, r.error_code().as_str()), (403, "csrf"));
         assert_eq!(api.get("/api/v1/crypto/status", &[]).await.json()["state"], "unlocked");
         // Safe methods need no token; the bearer token needs none either.
         assert_eq!(api.get("/api/v1/auth/session", &[("cookie", &s.cookie)]).await.status, 200);
-        let r = api.post_json("/api/v1/crypto/lock", &json!({}), &[("cookie", &s.cookie), ("x-csrf-token", &s.csrf)]).await;
+        let r =
+            api.post_json("/api/v1/crypto/lock", &json!({}), &[("cookie", &s.cookie), ("x-csrf-token", &s.csrf)]).await;
         assert_eq!(r.status, 200, "{}", r.text());
     });
 }
@@ -261,17 +286,25 @@ fn recovery_key_resets_the_password_and_rotation_shows_a_new_key_once() {
         let api = Api::start(&[]);
         let first = api.setup().await;
         let s = api.login(PASSWORD).await;
-        let r = api.post_json("/api/v1/crypto/recovery-key", &json!({"password": PASSWORD}), &[("authorization", &s.bearer())]).await;
+        let r = api
+            .post_json("/api/v1/crypto/recovery-key", &json!({"password": PASSWORD}), &[("authorization", &s.bearer())])
+            .await;
         assert_eq!(r.status, 200, "{}", r.text());
         let second = r.json()["recovery_key"].as_str().unwrap().to_string();
         assert_ne!(first, second);
         // Mistyped: 401 with its own code; the old key: wrong.
         let typo = second.replacen(|c: char| c.is_ascii_alphanumeric(), "U", 1);
-        let r = api.post_json("/api/v1/auth/reset", &json!({"recovery_key": typo, "new_password": NEW_PASSWORD}), &[]).await;
+        let r = api
+            .post_json("/api/v1/auth/reset", &json!({"recovery_key": typo, "new_password": NEW_PASSWORD}), &[])
+            .await;
         assert_eq!((r.status, r.error_code().as_str()), (401, "recovery_key_mistyped"));
-        let r = api.post_json("/api/v1/auth/reset", &json!({"recovery_key": first, "new_password": NEW_PASSWORD}), &[]).await;
+        let r = api
+            .post_json("/api/v1/auth/reset", &json!({"recovery_key": first, "new_password": NEW_PASSWORD}), &[])
+            .await;
         assert_eq!((r.status, r.error_code().as_str()), (401, "wrong_credentials"));
-        let r = api.post_json("/api/v1/auth/reset", &json!({"recovery_key": second, "new_password": NEW_PASSWORD}), &[]).await;
+        let r = api
+            .post_json("/api/v1/auth/reset", &json!({"recovery_key": second, "new_password": NEW_PASSWORD}), &[])
+            .await;
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(api.get("/api/v1/auth/session", &[("authorization", &s.bearer())]).await.status, 401);
         assert_eq!(api.post_json("/api/v1/auth/login", &json!({"password": PASSWORD}), &[]).await.status, 401);
@@ -296,7 +329,15 @@ fn every_error_has_one_shape() {
         let big = json!({"password": "x".repeat(8192)});
         let r = api.post_json("/api/v1/auth/login", &big, &[]).await;
         assert_eq!((r.status, r.error_code().as_str()), (413, "payload_too_large"));
-        let r = common::request(api.addr, None, "POST", "/api/v1/auth/login", &[("content-type", "application/json")], b"{nope".to_vec()).await;
+        let r = common::request(
+            api.addr,
+            None,
+            "POST",
+            "/api/v1/auth/login",
+            &[("content-type", "application/json")],
+            b"{nope".to_vec(),
+        )
+        .await;
         assert_eq!((r.status, r.error_code().as_str()), (400, "bad_request"));
         let r = api.post_json("/api/v1/auth/login", &json!({"password": PASSWORD, "extra": 1}), &[]).await;
         assert_eq!((r.status, r.error_code().as_str()), (400, "bad_request"));

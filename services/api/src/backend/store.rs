@@ -48,7 +48,8 @@ pub enum StoreError {
 }
 
 fn derive_key(sdek: &Sdek) -> Zeroizing<[u8; 32]> {
-    let digest = Sha256::new().chain_update(b"piccolo-api store key v1\0").chain_update(sdek.expose_secret()).finalize();
+    let digest =
+        Sha256::new().chain_update(b"piccolo-api store key v1\0").chain_update(sdek.expose_secret()).finalize();
     let mut key = Zeroizing::new([0u8; 32]);
     key.copy_from_slice(&digest);
     key

@@ -106,25 +106,27 @@ pub async fn events(
     };
     let rx = state.events.subscribe();
     let first = Event::lock(state.backend.lock_state());
-    let s = stream::unfold((Some(first), rx, false, state, auth.session, limit), |(pending, mut rx, done, st, sid, left)| async move {
-        if done || left == Some(0) {
-            return None;
-        }
-        let left = left.map(|n| n - 1);
-        let ev = match pending {
-            Some(ev) => ev,
-            None => loop {
-                match rx.recv().await {
-                    Ok(ev) => break ev,
-                    Err(RecvError::Lagged(_)) => continue,
-                    Err(RecvError::Closed) => return None,
-                }
-            },
-        };
-        let done = !st.sessions.is_live(&sid);
-        let sse = SseEvent::default().event(ev.name()).json_data(&ev).unwrap_or_default();
-        Some((Ok::<_, Infallible>(sse), (None, rx, done, st, sid, left)))
-    });
+    let s = stream::unfold(
+        (Some(first), rx, false, state, auth.session, limit),
+        |(pending, mut rx, done, st, sid, left)| async move {
+            if done || left == Some(0) {
+                return None;
+            }
+            let left = left.map(|n| n - 1);
+            let ev = match pending {
+                Some(ev) => ev,
+                None => loop {
+                    match rx.recv().await {
+                        Ok(ev) => break ev,
+                        Err(RecvError::Lagged(_)) => continue,
+                        Err(RecvError::Closed) => return None,
+                    }
+                },
+            };
+            let done = !st.sessions.is_live(&sid);
+            let sse = SseEvent::default().event(ev.name()).json_data(&ev).unwrap_or_default();
+            Some((Ok::<_, Infallible>(sse), (None, rx, done, st, sid, left)))
+        },
+    );
     Ok(Sse::new(s).keep_alive(KeepAlive::default()).into_response())
 }
-

@@ -38,7 +38,11 @@ const PIPE_BYTES: usize = 256 * 1024;
         (status = 423, description = "Locked", body = ErrorBody),
         (status = 500, description = "Internal error", body = ErrorBody),
     ))]
-pub async fn export(State(state): State<SharedState>, _auth: Auth, Path(kind): Path<String>) -> Result<Response, ApiError> {
+pub async fn export(
+    State(state): State<SharedState>,
+    _auth: Auth,
+    Path(kind): Path<String>,
+) -> Result<Response, ApiError> {
     let kind = match kind.as_str() {
         "control" => ExportKind::Control,
         "full" => ExportKind::Full,

@@ -50,7 +50,7 @@ impl Api {
             "--kdf-passes".into(),
             "1".into(),
         ];
-        if !extra.iter().any(|a| *a == "--broker-socket") {
+        if !extra.contains(&"--broker-socket") {
             args.push("--broker-socket".into());
             args.push(dir.path().join("no-broker.sock").display().to_string());
         }
@@ -110,7 +110,13 @@ impl Api {
 
     /// Runs first-run setup with [`PASSWORD`]; returns the recovery key.
     pub async fn setup(&self) -> String {
-        let r = self.post_json("/api/v1/setup", &serde_json::json!({"setup_code": self.setup_code(), "password": PASSWORD}), &[]).await;
+        let r = self
+            .post_json(
+                "/api/v1/setup",
+                &serde_json::json!({"setup_code": self.setup_code(), "password": PASSWORD}),
+                &[],
+            )
+            .await;
         assert_eq!(r.status, 201, "{}", r.text());
         r.json()["recovery_key"].as_str().unwrap().to_string()
     }
@@ -133,7 +139,15 @@ impl Api {
     }
 
     pub async fn post_json_from(&self, from: Ipv4Addr, path: &str, body: &serde_json::Value) -> Resp {
-        request(self.addr, Some(IpAddr::V4(from)), "POST", path, &[("content-type", "application/json")], serde_json::to_vec(body).unwrap()).await
+        request(
+            self.addr,
+            Some(IpAddr::V4(from)),
+            "POST",
+            path,
+            &[("content-type", "application/json")],
+            serde_json::to_vec(body).unwrap(),
+        )
+        .await
     }
 }
 
@@ -200,7 +214,14 @@ impl Resp {
 }
 
 /// One HTTP/1.1 request on a fresh connection, optionally from source address `from`.
-pub async fn request(addr: SocketAddr, from: Option<IpAddr>, method: &str, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Resp {
+pub async fn request(
+    addr: SocketAddr,
+    from: Option<IpAddr>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Resp {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     if let Some(ip) = from {
         sock.bind(SocketAddr::new(ip, 0)).unwrap();
