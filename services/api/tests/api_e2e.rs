@@ -374,3 +374,36 @@ fn events_stream_lock_changes() {
         assert!(first < second, "{text}");
     });
 }
+
+#[test]
+fn a_fresh_box_restores_from_a_full_export_with_the_setup_code() {
+    rt().block_on(async {
+        let old = Api::start(&[]);
+        let recovery = old.setup().await;
+        let s = old.login(PASSWORD).await;
+        let export = old.get("/api/v1/export/full", &[("authorization", &s.bearer())]).await;
+        assert_eq!(export.status, 200);
+        drop(old);
+
+        let new = Api::start(&[]);
+        let post = |code: String, body: Vec<u8>| {
+            let addr = new.addr;
+            async move {
+                common::request(addr, None, "POST", "/api/v1/setup/import", &[("x-setup-code", code.as_str())], body)
+                    .await
+            }
+        };
+        let r = post("AAAA-BBBB-CCCC-DDDD".into(), export.body.clone()).await;
+        assert_eq!((r.status, r.error_code().as_str()), (401, "wrong_credentials"));
+        let r = post(new.setup_code(), export.body[..export.body.len() - 600].to_vec()).await;
+        assert_eq!((r.status, r.error_code().as_str()), (422, "import_rejected"), "{}", r.text());
+        assert_eq!(new.get("/api/v1/crypto/status", &[]).await.json()["state"], "uninitialised");
+        let r = post(new.setup_code(), export.body.clone()).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(new.get("/api/v1/crypto/status", &[]).await.json()["state"], "locked");
+        assert!(!new.setup_code_file().exists());
+        let r = new.post_json("/api/v1/crypto/unlock", &json!({"recovery_key": recovery}), &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        new.login(PASSWORD).await;
+    });
+}

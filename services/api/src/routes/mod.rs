@@ -78,6 +78,7 @@ pub fn router(state: SharedState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(crypto::recovery_key))
         .routes(routes!(transfer::export))
         .routes(routes!(transfer::import))
+        .routes(routes!(transfer::setup_import))
         .routes(routes!(system::boot_state))
         .routes(routes!(system::events))
         .split_for_parts();

@@ -4,8 +4,10 @@
 use std::io;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use futures_util::stream;
@@ -14,7 +16,7 @@ use utoipa::ToSchema;
 
 use super::{blocking, json};
 use crate::auth::Auth;
-use crate::backend::{ExportKind, ImportInfo};
+use crate::backend::{ExportKind, ImportInfo, LockState};
 use crate::error::{ApiError, ErrorBody};
 use crate::events::Event;
 use crate::state::SharedState;
@@ -124,6 +126,55 @@ pub async fn import(State(state): State<SharedState>, _auth: Auth, body: Body) -
     .await?;
     state.sessions.clear();
     tracing::warn!(kind = ?info.kind, volumes = ?info.volumes, "import done; store locked");
+    state.publish(Event::lock(state.backend.lock_state()));
+    Ok(json(StatusCode::OK, info))
+}
+
+/// Restores a fresh box from a `full` export instead of setting it up: needs the first-run
+/// setup code in `X-Setup-Code` (same attempt limits as setup). Validated completely before
+/// anything changes; afterwards the store is locked: unlock with the export's password.
+#[utoipa::path(post, path = "/api/v1/setup/import", tag = "setup",
+    params(("X-Setup-Code" = String, Header, description = "The first-run setup code")),
+    request_body(content = Archive, content_type = "application/octet-stream"),
+    responses(
+        (status = 200, description = "Restored; the store is locked", body = ImportInfo),
+        (status = 400, description = "Missing setup code header", body = ErrorBody),
+        (status = 401, description = "Wrong setup code", body = ErrorBody),
+        (status = 409, description = "Already initialised", body = ErrorBody),
+        (status = 422, description = "Archive rejected; nothing changed", body = ErrorBody),
+        (status = 429, description = "Too many attempts", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 500, description = "Internal error", body = ErrorBody),
+    ))]
+pub async fn setup_import(
+    State(state): State<SharedState>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let code = headers
+        .get("x-setup-code")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| ApiError::BadRequest("the X-Setup-Code header is required".into()))?;
+    if state.backend.lock_state() != LockState::Uninitialised {
+        return Err(ApiError::AlreadyInitialised);
+    }
+    state.limiter.check(client.ip())?;
+    if !state.setup.matches(code) {
+        state.limiter.failure(client.ip());
+        tracing::warn!(client = %client.ip(), "wrong setup code (restore)");
+        return Err(ApiError::WrongCredentials("wrong setup code"));
+    }
+    let data = body.into_data_stream().map(|r| r.map_err(io::Error::other));
+    let reader = SyncIoBridge::new(StreamReader::new(data));
+    let info = blocking(&state, move |b| {
+        let mut reader = reader;
+        b.import(&mut reader)
+    })
+    .await?;
+    if state.backend.lock_state() != LockState::Uninitialised {
+        state.setup.consume();
+    }
+    tracing::warn!(client = %client.ip(), kind = ?info.kind, "fresh box restored from an export; store locked");
     state.publish(Event::lock(state.backend.lock_state()));
     Ok(json(StatusCode::OK, info))
 }
