@@ -13,7 +13,7 @@ pub async fn probe_all(ctx: &Ctx) -> Vec<Backend> {
         Some(dev) => present("tpm", std::path::Path::new(dev), tcti),
         None => Backend { name: "tpm".into(), available: true, detail: tcti.clone() },
     };
-    let efi = present("efi", &cfg.efi.efivars_root, &cfg.efi.efivars_root.display().to_string());
+    let efi = efi(&cfg.efi.efivars_root);
     let update_engine = Backend {
         name: "update_engine".into(),
         available: false,
@@ -23,7 +23,20 @@ pub async fn probe_all(ctx: &Ctx) -> Vec<Backend> {
         Some(d) => present("os_disk", d, &d.display().to_string()),
         None => Backend { name: "os_disk".into(), available: false, detail: "no OS disk configured".into() },
     };
-    vec![tpm, efi, update_engine, os_disk]
+    let gocryptfs = present("gocryptfs", &cfg.volumes.gocryptfs, &cfg.volumes.state_dir.display().to_string());
+    vec![tpm, efi, update_engine, os_disk, gocryptfs]
+}
+
+/// The efivarfs root: a real efivarfs (statfs magic), a plain directory standing in for one,
+/// or "no EFI" and why.
+fn efi(root: &std::path::Path) -> Backend {
+    use piccolo_efivars::{Efivars, RootKind};
+    let (available, detail) = match Efivars::open(root) {
+        Ok(ev) if ev.kind() == RootKind::Efivarfs => (true, format!("efivarfs at {}", root.display())),
+        Ok(_) => (true, format!("{}: plain directory, not efivarfs", root.display())),
+        Err(e) => (false, e.to_string()),
+    };
+    Backend { name: "efi".into(), available, detail }
 }
 
 fn present(name: &str, path: &std::path::Path, detail: &str) -> Backend {

@@ -12,6 +12,11 @@ pub const KEEP: &[(Capability, &str)] = &[
     (Capability::CAP_LINUX_IMMUTABLE, "clear and restore the immutable flag on efivarfs variables"),
     (Capability::CAP_SYS_ADMIN, "mount and unmount FUSE volumes, loop and dm devices, re-read partition tables"),
     (Capability::CAP_SYS_BOOT, "reboot(2)"),
+    (
+        Capability::CAP_SETUID,
+        "gocryptfs (run as root with -allow_other) creates each file as the calling user: per-thread setreuid",
+    ),
+    (Capability::CAP_SETGID, "the same for gocryptfs's per-thread setregid and setgroups"),
 ];
 
 /// Error from dropping capabilities.

@@ -94,6 +94,30 @@ pub struct BootConfig {
     pub reboot_record: Option<PathBuf>,
 }
 
+/// Default state directory (`$PICCOLO_STATE_DIR` overrides it).
+pub const STATE_DIR: &str = "/var/lib/piccolo";
+/// Environment variable naming the state directory.
+pub const STATE_DIR_ENV: &str = "PICCOLO_STATE_DIR";
+
+/// Settings of the gocryptfs volumes (`[volumes]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VolumesConfig {
+    /// State directory holding `ciphertext/<id>` and `mounts/<id>` (absolute).
+    pub state_dir: PathBuf,
+    /// The gocryptfs binary.
+    pub gocryptfs: PathBuf,
+    /// gocryptfs `-scryptn` at creation (10..=28); see `piccolo_volumes::Runner::scrypt_n`.
+    pub scrypt_n: u8,
+}
+
+impl Default for VolumesConfig {
+    fn default() -> Self {
+        let state_dir = std::env::var_os(STATE_DIR_ENV).map(PathBuf::from).unwrap_or_else(|| PathBuf::from(STATE_DIR));
+        VolumesConfig { state_dir, gocryptfs: PathBuf::from("/usr/bin/gocryptfs"), scrypt_n: 10 }
+    }
+}
+
 /// `boot.booted_slot`: `"A"` or `"B"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum BootedSlot {
@@ -131,6 +155,8 @@ pub struct FileConfig {
     pub update_engine: UpdateEngineConfig,
     /// Boot control.
     pub boot: BootConfig,
+    /// gocryptfs volumes.
+    pub volumes: VolumesConfig,
 }
 
 /// Resolved configuration.
@@ -191,6 +217,12 @@ impl Config {
             Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => FileConfig::default(),
             Err(source) => return Err(ConfigError::Read { path, source }),
         };
+        if !file.volumes.state_dir.is_absolute() || !(10..=28).contains(&file.volumes.scrypt_n) {
+            return Err(ConfigError::Parse {
+                path,
+                message: "[volumes]: state_dir must be absolute and scrypt_n within 10..=28".into(),
+            });
+        }
         let pick = |flag: &Option<PathBuf>, file: &Option<PathBuf>, default: &str| {
             flag.clone().or_else(|| file.clone()).unwrap_or_else(|| Path::new(default).to_path_buf())
         };

@@ -8,6 +8,7 @@ mod audit;
 mod boot;
 mod broker;
 mod disks;
+mod efi;
 mod output;
 
 use std::path::PathBuf;
@@ -53,6 +54,9 @@ enum Cmd {
     },
     /// Install an OS image onto another disk (dry run with --plan).
     Install(disks::InstallArgs),
+    /// EFI variables the broker policy allows (BootNext, LoaderEntryOneShot, ...).
+    #[command(subcommand)]
+    Efi(efi::EfiCmd),
 }
 
 /// A failure to report: message on stderr, exit status.
@@ -88,6 +92,7 @@ fn main() -> ExitCode {
             Cmd::Boot(cmd) => boot::run(&socket, cmd).await,
             Cmd::Disks { json } => disks::list(&socket, json).await,
             Cmd::Install(a) => disks::install(&socket, a).await,
+            Cmd::Efi(cmd) => efi::run(&socket, cmd).await,
         }
     });
     match result {

@@ -62,6 +62,13 @@ rpcs! {
     ListDisks => ("Disks", false, None),
     PlanInstall => ("Disks", false, None),
     InstallToDisk => ("Disks", true, Some("disks")),
+    GetEfiVariable => ("Efi", false, Some("efi_variables")),
+    SetEfiVariable => ("Efi", true, Some("efi_variables")),
+    DeleteEfiVariable => ("Efi", true, Some("efi_variables")),
+    CreateVolume => ("Volumes", true, Some("volumes")),
+    MountVolume => ("Volumes", true, Some("volumes")),
+    UnmountVolume => ("Volumes", true, Some("volumes")),
+    VolumeStatus => ("Volumes", false, Some("volumes")),
 }
 
 impl Rpc {

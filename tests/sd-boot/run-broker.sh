@@ -63,7 +63,12 @@ check "audit log root:piccolo-audit 0640 ($log)" '[ "$log" = "root:piccolo-audit
 
 caps=$(in_ct sh -c 'grep -E "^Cap(Eff|Bnd)" /proc/$(systemctl show -P MainPID piccolo-broker.service)/status')
 echo "$caps"
-check "broker keeps only its capabilities (0x60020b)" '[[ "$caps" == *"CapBnd:	000000000060020b"* && "$caps" == *"CapEff:	000000000060020b"* ]]'
+check "broker keeps only its capabilities (0x6002cb)" '[[ "$caps" == *"CapBnd:	00000000006002cb"* && "$caps" == *"CapEff:	00000000006002cb"* ]]'
+# Volumes: FUSE mounts the broker makes must reach the workers, so it shares PID 1's mount
+# namespace (no sandboxing option in the unit may imply a private one).
+mntns=$(in_ct sh -c 'echo "$(readlink /proc/1/ns/mnt) $(readlink /proc/$(systemctl show -P MainPID piccolo-broker.service)/ns/mnt)"')
+echo "mount namespaces (PID 1, broker): $mntns"
+check "broker runs in the host mount namespace" '[ "${mntns% *}" = "${mntns#* }" ] && [[ "$mntns" == mnt:* ]]'
 
 api=$(in_ct setpriv --reuid=piccolo-api --regid=piccolo-api --init-groups /usr/bin/piccoloctl info 2>&1); api_rc=$?
 echo "$api"

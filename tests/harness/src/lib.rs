@@ -7,5 +7,7 @@
 pub mod bins;
 pub mod broker;
 pub mod disks;
+pub mod ext4;
+pub mod peer;
 pub mod swtpm;
 pub mod users;
