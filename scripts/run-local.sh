@@ -43,7 +43,7 @@ cat > "$state/etc/broker.toml" <<POLICY
 version = 1
 
 [[rule]]
-rpcs = ["GetInfo", "WhoAmI"]
+rpcs = ["GetInfo", "WhoAmI", "GetBootState"]
 $principals
 reason = "development stack"
 POLICY
@@ -68,6 +68,31 @@ for _ in $(seq 100); do [ -S "$state/run/broker.sock" ] && break; sleep 0.1; don
 export PICCOLO_BROKER_SOCKET=$state/run/broker.sock
 target/debug/piccoloctl info
 echo
+
+# The HTTP API worker on 127.0.0.1:8080, key set and control store under $state/api.
+# Development KDF cost stays the production one; only the listen address differs.
+mkdir -p "$state/api" "$state/run/api"
+api=(target/debug/piccolo-api --listen 127.0.0.1:8080 --state-dir "$state/api" --runtime-dir "$state/run/api"
+  --broker-socket "$state/run/broker.sock")
+if [ "$(id -u)" -eq 0 ]; then
+  chown -R piccolo-api:piccolo-api "$state/api" "$state/run/api"
+  chmod 0700 "$state/api" "$state/run/api"
+  u=$(id -u piccolo-api); g=$(id -g piccolo-api)
+  setpriv --reuid="$u" --regid="$g" --init-groups --no-new-privs "${api[@]}" &
+else
+  "${api[@]}" &
+fi
+pids+=($!)
+for _ in $(seq 100); do
+  curl -sf http://127.0.0.1:8080/api/v1/health/live >/dev/null 2>&1 && break
+  sleep 0.1
+done
+if [ -f "$state/run/api/setup-code" ]; then
+  echo "run-local: first-run setup code: $(cat "$state/run/api/setup-code")"
+  echo "run-local: set up with: curl -X POST http://127.0.0.1:8080/api/v1/setup -H 'content-type: application/json' \\"
+  echo "             -d '{\"setup_code\":\"<code>\",\"password\":\"<at least 8 characters>\"}'"
+fi
+echo "run-local: API on http://127.0.0.1:8080/api/v1 (OpenAPI: /api/v1/openapi.json)"
 echo "run-local: broker on $PICCOLO_BROKER_SOCKET, audit log $state/log/audit.jsonl"
 echo "run-local: try: PICCOLO_BROKER_SOCKET=$PICCOLO_BROKER_SOCKET target/debug/piccoloctl whoami"
 echo "run-local: Ctrl-C stops the stack."

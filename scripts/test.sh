@@ -16,6 +16,8 @@ step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test"
 cargo test --workspace --no-fail-fast
+step "HTTP API contract (schemathesis)"
+bash tests/contract/run.sh target/debug
 step "systemd-analyze verify"
 bash tests/systemd/verify-units.sh target/debug
 step "real systemd boot"

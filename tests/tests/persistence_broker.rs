@@ -228,7 +228,7 @@ async fn persistence_through_the_broker_round_trips_and_rolls_back() {
 // Passed on a local merge of the `volumes` and `tpm` branches. Remove the ignore when the
 // broker's Tpm service (SealSecret/UnsealSecret) is on main: without it the policy loader
 // refuses the rule below and the broker does not start.
-#[ignore = "needs the broker Tpm service from the tpm branch; un-ignore once it is merged"]
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tpm_auto_unlock_through_the_broker_until_pcr7_changes() {
     let sw = piccolo_testkit::swtpm::Swtpm::start();

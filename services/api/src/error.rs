@@ -1,0 +1,153 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The one error type of the HTTP layer and its one mapping to HTTP.
+//!
+//! Every error leaves the worker as `{"error": {"code": ..., "message": ...}}` with the
+//! status below. Messages never carry secrets or internal paths: details go to the log.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::backend::BackendError;
+
+/// The body of every error response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// A machine-readable code and a human-readable message.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `locked`, `rate_limited`, `csrf`.
+    pub code: String,
+    /// What went wrong, for people. Never contains a secret.
+    pub message: String,
+}
+
+/// Everything a handler can answer instead of success.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed request (bad JSON, missing field, value out of range).
+    #[error("{0}")]
+    BadRequest(String),
+    /// No valid session cookie or bearer token.
+    #[error("authentication required")]
+    Unauthenticated,
+    /// A password, recovery key or setup code was wrong.
+    #[error("{0}")]
+    WrongCredentials(&'static str),
+    /// A recovery key with a typo (wrong length, character or checksum).
+    #[error("{0}")]
+    MistypedRecoveryKey(String),
+    /// A cookie-authenticated unsafe request without the session's CSRF token.
+    #[error("missing or wrong CSRF token (send the X-CSRF-Token header)")]
+    Csrf,
+    /// No such route.
+    #[error("no such endpoint")]
+    NotFound,
+    /// Route exists, method does not.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// Setup was already done.
+    #[error("the key set is already initialised")]
+    AlreadyInitialised,
+    /// Request body over the limit.
+    #[error("request body too large")]
+    PayloadTooLarge,
+    /// An import archive was refused; nothing changed.
+    #[error("import rejected: {0}")]
+    ImportRejected(String),
+    /// The control store is locked.
+    #[error("the control store is locked; unlock it first")]
+    Locked,
+    /// First-run setup has not been done.
+    #[error("first-run setup has not been done")]
+    SetupRequired,
+    /// Too many attempts; retry after this many seconds.
+    #[error("too many attempts; retry later")]
+    RateLimited {
+        /// Seconds until the next attempt is considered.
+        retry_after: u64,
+    },
+    /// A dependency (broker, updater) is unreachable or failed.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Anything else; details are in the log only.
+    #[error("internal error")]
+    Internal,
+}
+
+impl ApiError {
+    /// The HTTP status and stable code of this error.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+            ApiError::WrongCredentials(_) => (StatusCode::UNAUTHORIZED, "wrong_credentials"),
+            ApiError::MistypedRecoveryKey(_) => (StatusCode::UNAUTHORIZED, "recovery_key_mistyped"),
+            ApiError::Csrf => (StatusCode::FORBIDDEN, "csrf"),
+            ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::AlreadyInitialised => (StatusCode::CONFLICT, "already_initialised"),
+            ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::ImportRejected(_) => (StatusCode::UNPROCESSABLE_ENTITY, "import_rejected"),
+            ApiError::Locked => (StatusCode::LOCKED, "locked"),
+            ApiError::SetupRequired => (StatusCode::LOCKED, "setup_required"),
+            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let body = ErrorBody { error: ErrorDetail { code: code.to_string(), message: self.to_string() } };
+        let mut resp = (status, Json(body)).into_response();
+        if let ApiError::RateLimited { retry_after } = self
+            && let Ok(v) = HeaderValue::from_str(&retry_after.max(1).to_string())
+        {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        resp
+    }
+}
+
+/// The single mapping from persistence errors to HTTP errors.
+impl From<BackendError> for ApiError {
+    fn from(e: BackendError) -> ApiError {
+        match e {
+            BackendError::NotInitialised => ApiError::SetupRequired,
+            BackendError::AlreadyInitialised => ApiError::AlreadyInitialised,
+            BackendError::Locked => ApiError::Locked,
+            BackendError::WrongPassword => ApiError::WrongCredentials("wrong password"),
+            BackendError::WrongRecoveryKey => ApiError::WrongCredentials("wrong recovery key"),
+            BackendError::InvalidInput(m) => ApiError::BadRequest(m),
+            BackendError::ImportRejected(m) => ApiError::ImportRejected(m),
+            BackendError::Internal(err) => {
+                tracing::error!(error = %ErrorChain(&*err), "persistence failed");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+/// Formats an error with its whole `source()` chain: `a: b: c`.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut src = self.0.source();
+        while let Some(s) = src {
+            write!(f, ": {s}")?;
+            src = s.source();
+        }
+        Ok(())
+    }
+}

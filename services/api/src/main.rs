@@ -1,0 +1,172 @@
+// SPDX-License-Identifier: Apache-2.0
+//! `piccolo-api` entry point: parse flags, open the key set, publish the setup code on a
+//! fresh box, take the listening sockets, serve until SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use piccolo_api::backend::keyset::KeysetBackend;
+use piccolo_api::backend::{LockState, Persistence};
+use piccolo_api::error::ErrorChain;
+use piccolo_api::events::Event;
+use piccolo_api::ratelimit::LimitConfig;
+use piccolo_api::setup::SetupCode;
+use piccolo_api::state::{AppConfig, AppState, SharedState};
+use piccolo_keyset::KdfParams;
+
+/// piccolo's HTTP API worker.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Address to listen on when not socket-activated (repeatable). Production gets its
+    /// sockets from piccolo-api.socket instead.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: Vec<SocketAddr>,
+    /// State directory (key set, ciphertext, exports).
+    #[arg(long, env = "PICCOLO_STATE_DIR", default_value = "/var/lib/piccolo")]
+    state_dir: PathBuf,
+    /// Where the first-run setup code file is written (mode 0600). systemd's
+    /// RuntimeDirectory= sets RUNTIME_DIRECTORY.
+    #[arg(long, env = "RUNTIME_DIRECTORY", default_value = "/run/piccolo-api")]
+    runtime_dir: PathBuf,
+    /// The broker's socket (boot state).
+    #[arg(long, env = "PICCOLO_BROKER_SOCKET", default_value = piccolo_proto::paths::BROKER_SOCKET)]
+    broker_socket: PathBuf,
+    /// Mark the session cookie Secure (set when served over TLS).
+    #[arg(long)]
+    secure_cookies: bool,
+    /// Session lifetime in seconds.
+    #[arg(long, default_value_t = 12 * 3600)]
+    session_ttl_secs: u64,
+    /// Largest JSON request body in bytes.
+    #[arg(long, default_value_t = 64 * 1024)]
+    max_json_bytes: usize,
+    /// Argon2id memory (KiB) for a new key set. Production keeps the default; tests and
+    /// benchmarks lower it (at least 8192).
+    #[arg(long, default_value_t = KdfParams::RECOMMENDED.m_cost_kib)]
+    kdf_memory_kib: u32,
+    /// Argon2id passes for a new key set.
+    #[arg(long, default_value_t = KdfParams::RECOMMENDED.t_cost)]
+    kdf_passes: u32,
+    /// Failed credential checks per client before back-off starts.
+    #[arg(long, default_value_t = LimitConfig::default().client_free)]
+    client_free_attempts: u32,
+    /// Failed credential checks over all clients before global back-off starts.
+    #[arg(long, default_value_t = LimitConfig::default().global_free)]
+    global_free_attempts: u32,
+    /// Seconds between boot-state polls for the event stream (0: never).
+    #[arg(long, default_value_t = 10)]
+    boot_poll_secs: u64,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    // Two worker threads: KDF work runs on the blocking pool, so two are enough for serving.
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the runtime");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %ErrorChain(&*e), "piccolo-api failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let params = KdfParams { m_cost_kib: args.kdf_memory_kib, t_cost: args.kdf_passes, p_cost: 1 };
+    let backend: Arc<dyn Persistence> = Arc::new(KeysetBackend::new(&args.state_dir, params)?);
+    // The code file exists before the socket is bound, so whoever can connect can find it.
+    let (setup, code) = if backend.lock_state() == LockState::Uninitialised {
+        let (setup, code) = SetupCode::generate(&args.runtime_dir)?;
+        (setup, Some(code))
+    } else {
+        (SetupCode::none(), None)
+    };
+    let listeners = piccolo_api::listen::listeners(&args.listen).await?;
+    let addrs: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    if let Some(code) = code {
+        let file = args.runtime_dir.join(piccolo_api::setup::SETUP_CODE_FILE);
+        let url = addrs.first().map(|a| format!("http://{a}/")).unwrap_or_default();
+        // stdout goes to the journal and the console (piccolo-api.service).
+        println!("piccolo-api: first-run setup code: {code} (also in {}); open {url} to set up", file.display());
+        tracing::warn!(file = %file.display(), "first-run setup pending; the setup code is on stdout and in the file");
+    }
+    let limits = LimitConfig {
+        client_free: args.client_free_attempts,
+        global_free: args.global_free_attempts,
+        ..LimitConfig::default()
+    };
+    let cfg = AppConfig {
+        secure_cookies: args.secure_cookies,
+        session_ttl: Duration::from_secs(args.session_ttl_secs),
+        max_json_bytes: args.max_json_bytes,
+        broker_socket: args.broker_socket.clone(),
+    };
+    let state = AppState::new(backend, setup, limits, cfg);
+    let (router, _doc) = piccolo_api::routes::router(state.clone());
+    if args.boot_poll_secs > 0 {
+        tokio::spawn(poll_boot(state.clone(), Duration::from_secs(args.boot_poll_secs)));
+    }
+
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut servers = tokio::task::JoinSet::new();
+    for l in listeners {
+        let app = router.clone().into_make_service_with_connect_info::<SocketAddr>();
+        let stop = shutdown.clone();
+        servers.spawn(async move { axum::serve(l, app).with_graceful_shutdown(stop.cancelled_owned()).await });
+    }
+    tracing::info!(listen = ?addrs, state_dir = %args.state_dir.display(), "piccolo-api serving");
+    piccolo_api::listen::notify("READY=1\nSTATUS=serving");
+    wait_for_signal().await?;
+    piccolo_api::listen::notify("STOPPING=1");
+    shutdown.cancel();
+    // SSE streams never end by themselves: give in-flight requests 5 s, then exit.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async { while servers.join_next().await.is_some() {} }).await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// Publishes a `boot` event whenever the broker's boot state changes (only while someone
+/// listens, and only while a session can exist, i.e. unlocked).
+async fn poll_boot(state: SharedState, every: Duration) {
+    let mut last = None;
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        if state.events.receiver_count() == 0 || state.backend.lock_state() != LockState::Unlocked {
+            continue;
+        }
+        if let Ok(view) = piccolo_api::boot::fetch(&state.cfg.broker_socket).await
+            && last.as_ref() != Some(&view)
+        {
+            last = Some(view.clone());
+            state.publish(Event::Boot { boot: view });
+        }
+    }
+}
