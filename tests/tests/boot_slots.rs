@@ -268,8 +268,8 @@ fn out(o: &std::process::Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
-/// The production policy file: the updater and root may read the state, other workers may
-/// not; `piccoloctl boot` shows and changes it.
+/// The production policy file: the updater, the API (read-only) and root may read the state,
+/// other workers may not; `piccoloctl boot` shows and changes it.
 #[test]
 fn production_policy_and_piccoloctl_boot() {
     let policy = std::fs::read_to_string(repo().join("policy/broker.toml")).unwrap();
@@ -277,7 +277,7 @@ fn production_policy_and_piccoloctl_boot() {
     let o = s.b.ctl_as("piccolo-updater", &["boot", "status"]);
     assert_eq!(o.status.code(), Some(0), "{}", out(&o));
     assert!(out(&o).contains("next boot  USR-A"), "{}", out(&o));
-    let o = s.b.ctl_as("piccolo-api", &["boot", "status"]);
+    let o = s.b.ctl_as("piccolo-remote", &["boot", "status"]);
     assert_eq!(o.status.code(), Some(3), "{}", out(&o));
     assert!(out(&o).contains("GetBootState: permission denied"), "{}", out(&o));
 
