@@ -49,6 +49,19 @@ impl From<Error> for Status {
     }
 }
 
+/// An error and its whole `source()` chain, `: `-joined, for a caller-facing message
+/// (backend errors name paths and steps, never data).
+pub fn chain_message(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        src = s.source();
+    }
+    message
+}
+
 /// gRPC code name as written in audit records (`PERMISSION_DENIED`, ...).
 pub fn code_name(code: Code) -> &'static str {
     match code {

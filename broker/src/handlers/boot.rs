@@ -48,13 +48,7 @@ impl From<bootctl::Error> for Error {
             bootctl::Code::Internal => Code::Internal,
         };
         // The whole chain: paths and io errors, never secrets (this crate handles none).
-        let mut message = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            src = s.source();
-        }
+        let message = crate::error::chain_message(&e);
         if code == Code::Internal {
             tracing::error!(error = %message, "boot control failed");
         }

@@ -42,13 +42,7 @@ impl From<efivars::Error> for Error {
             efivars::Code::Internal => Code::Internal,
         };
         // The whole chain: paths and io errors; the crate never puts data in a message.
-        let mut message = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            src = s.source();
-        }
+        let message = crate::error::chain_message(&e);
         if code == Code::Internal {
             tracing::error!(error = %message, "EFI variable access failed");
         }

@@ -46,13 +46,7 @@ impl From<tpm::Error> for Error {
             tpm::Code::Internal => Code::Internal,
         };
         // The chain holds TSS response codes and tool stderr tails, never secrets.
-        let mut message = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            src = s.source();
-        }
+        let message = crate::error::chain_message(&e);
         if code == Code::Internal {
             tracing::error!(error = %message, "TPM operation failed");
         }

@@ -41,13 +41,7 @@ impl From<ue::Error> for Error {
             ue::Code::Internal => Code::Internal,
         };
         // The chain (bus address, io error); update_engine's messages carry no secrets.
-        let mut message = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            src = s.source();
-        }
+        let message = crate::error::chain_message(&e);
         if code == Code::Internal {
             tracing::error!(error = %message, "update_engine call failed");
         }

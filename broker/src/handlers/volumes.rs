@@ -39,13 +39,7 @@ impl From<vol::Error> for Error {
             vol::Code::FailedPrecondition => Code::FailedPrecondition,
             vol::Code::Internal => Code::Internal,
         };
-        let mut message = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            src = s.source();
-        }
+        let message = crate::error::chain_message(&e);
         if code == Code::Internal {
             tracing::error!(error = %message, "volume operation failed");
         }
