@@ -10,31 +10,16 @@ repo=$(cd "$(dirname "$0")/../.." && pwd)
 bins=$(realpath "${1:-$repo/target/debug}")
 set_dir=$(mktemp -d /tmp/piccolo-sdboot.XXXXXX)
 trap 'rm -rf "$set_dir"' EXIT
+# shellcheck source=tests/sd-boot/lib.sh
+. "$repo/tests/sd-boot/lib.sh"
 
 cp "$repo/systemd/piccolo-broker.service" "$set_dir/"
-mkdir -p "$set_dir/files/bin" "$set_dir/files/lib"
-cp "$repo/systemd/sysusers.d/piccolo.conf" "$set_dir/files/sysusers.conf"
-cp "$repo/systemd/tmpfiles.d/piccolo.conf" "$set_dir/files/tmpfiles.conf"
-cp "$repo/policy/broker.toml" "$set_dir/files/broker.toml"
-for b in piccolo-broker piccoloctl; do
-  install -m 0755 "$bins/$b" "$set_dir/files/bin/$b"
-  # Shared libraries the container's minimal root may lack (e.g. libtss2).
-  ldd "$bins/$b" | awk '/=> \//{print $3}' | while read -r lib; do cp -n "$lib" "$set_dir/files/lib/"; done
-done
+stage_unit_set "$set_dir" "$bins" piccolo-broker piccoloctl
 
 cat > "$set_dir/setup.sh" <<'SETUP'
 #!/bin/sh
-# Runs in a chroot of the container root before boot; $1 = this unit set.
 set -e
-install -m 0755 "$1"/files/bin/* /usr/bin/
-for lib in "$1"/files/lib/*; do
-  name=$(basename "$lib")
-  ldconfig -p | grep -q " $name " || install -m 0644 "$lib" /usr/local/lib/
-done
-ldconfig
-install -D -m 0644 "$1/files/sysusers.conf" /etc/sysusers.d/piccolo.conf
-install -D -m 0644 "$1/files/tmpfiles.conf" /etc/tmpfiles.d/piccolo.conf
-install -D -m 0644 "$1/files/broker.toml" /etc/piccolo/broker.toml
+sh "$1/files/setup-base.sh" "$1"
 # systemd-sysusers.service only runs after an /usr update; create the accounts now.
 systemd-sysusers
 SETUP

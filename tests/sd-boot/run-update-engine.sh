@@ -11,6 +11,8 @@
 #   usage: tests/sd-boot/run-update-engine.sh [TARGET_DIR]   (default: target/debug)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
+# shellcheck source=tests/sd-boot/lib.sh
+. "$repo/tests/sd-boot/lib.sh"
 bins=$(realpath "${1:-$repo/target/debug}")
 sets=()
 trap 'rm -rf "${sets[@]}"' EXIT
@@ -24,16 +26,10 @@ make_set() {
   # ConditionVirtualization=!container (this is a container).
   sed -e 's#^ExecStart=.*#ExecStart=/usr/bin/piccolo-update-engine-standin#' \
       -e '/^ConditionVirtualization=/d' "$repo/tests/systemd/update-engine.service" > "$set_dir/update-engine.service"
-  mkdir -p "$set_dir/files/bin" "$set_dir/files/lib" "$set_dir/files/dropin"
+  stage_unit_set "$set_dir" "$bins" piccolo-broker piccoloctl piccolo-update-engine-standin
+  mkdir -p "$set_dir/files/dropin"
   cp "$repo"/systemd/update-engine.service.d/*.conf "$set_dir/files/dropin/"
   cp "$repo/systemd/flatcar/update.conf" "$set_dir/files/update.conf"
-  cp "$repo/systemd/sysusers.d/piccolo.conf" "$set_dir/files/sysusers.conf"
-  cp "$repo/systemd/tmpfiles.d/piccolo.conf" "$set_dir/files/tmpfiles.conf"
-  cp "$repo/policy/broker.toml" "$set_dir/files/broker.toml"
-  for b in piccolo-broker piccoloctl piccolo-update-engine-standin; do
-    install -m 0755 "$bins/$b" "$set_dir/files/bin/$b"
-    ldd "$bins/$b" | awk '/=> \//{print $3}' | while read -r lib; do cp -n "$lib" "$set_dir/files/lib/"; done
-  done
   if [ "$variant" = fail ]; then
     printf '#!/bin/sh\necho "piccolo-health: simulated failure" >&2\nexit 1\n' > "$set_dir/files/bin/piccolo-health"
   else
@@ -59,17 +55,8 @@ XML
 
   cat > "$set_dir/setup.sh" <<'SETUP'
 #!/bin/sh
-# Runs in a chroot of the container root before boot; $1 = this unit set.
 set -e
-install -m 0755 "$1"/files/bin/* /usr/bin/
-for lib in "$1"/files/lib/*; do
-  name=$(basename "$lib")
-  ldconfig -p | grep -q " $name " || install -m 0644 "$lib" /usr/local/lib/
-done
-ldconfig
-install -D -m 0644 "$1/files/sysusers.conf" /etc/sysusers.d/piccolo.conf
-install -D -m 0644 "$1/files/tmpfiles.conf" /etc/tmpfiles.d/piccolo.conf
-install -D -m 0644 "$1/files/broker.toml" /etc/piccolo/broker.toml
+sh "$1/files/setup-base.sh" "$1"
 install -D -m 0644 "$1/files/update.conf" /etc/flatcar/update.conf
 install -D -m 0644 "$1/files/com.coreos.update1.conf" /etc/dbus-1/system.d/com.coreos.update1.conf
 install -D -m 0644 "$1"/files/dropin/10-piccolod-dependency.conf \
