@@ -12,9 +12,11 @@ use piccolo_api::backend::keyset::KeysetBackend;
 use piccolo_api::backend::{LockState, Persistence};
 use piccolo_api::error::ErrorChain;
 use piccolo_api::events::Event;
+use piccolo_api::listen::Scheme;
 use piccolo_api::ratelimit::LimitConfig;
 use piccolo_api::setup::SetupCode;
 use piccolo_api::state::{AppConfig, AppState, SharedState};
+use piccolo_api::tls::{CertSource, Tls};
 use piccolo_keyset::KdfParams;
 
 /// piccolo's HTTP API worker.
@@ -25,6 +27,17 @@ struct Args {
     /// sockets from piccolo-api.socket instead.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: Vec<SocketAddr>,
+    /// Address to serve HTTPS on when not socket-activated (repeatable; default none).
+    /// Production gets it from piccolo-api-tls.socket (descriptor named "https").
+    #[arg(long)]
+    listen_tls: Vec<SocketAddr>,
+    /// PEM certificate chain for HTTPS (with --tls-key). Without both, a self-signed
+    /// certificate is made at start, kept in memory only, new at every restart.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for HTTPS (with --tls-cert); refused if every user may read it.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// State directory (key set, ciphertext, exports).
     #[arg(long, env = "PICCOLO_STATE_DIR", default_value = "/var/lib/piccolo")]
     state_dir: PathBuf,
@@ -35,7 +48,8 @@ struct Args {
     /// The broker's socket (boot state).
     #[arg(long, env = "PICCOLO_BROKER_SOCKET", default_value = piccolo_proto::paths::BROKER_SOCKET)]
     broker_socket: PathBuf,
-    /// Mark the session cookie Secure (set when served over TLS).
+    /// Mark the session cookie Secure on plain HTTP too (behind a TLS-terminating proxy);
+    /// cookies answered on the HTTPS listeners are always Secure.
     #[arg(long)]
     secure_cookies: bool,
     /// Session lifetime in seconds.
@@ -98,11 +112,36 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
     } else {
         (SetupCode::none(), None)
     };
-    let listeners = piccolo_api::listen::listeners(&args.listen).await?;
-    let addrs: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    let listeners = piccolo_api::listen::listeners(&args.listen, &args.listen_tls).await?;
+    let addrs: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr()).collect();
+    let https: Vec<SocketAddr> =
+        listeners.iter().filter(|l| l.scheme == Scheme::Https).filter_map(|l| l.local_addr()).collect();
+    let tls = if https.is_empty() {
+        if args.tls_cert.is_some() {
+            tracing::warn!(
+                "--tls-cert/--tls-key given but no HTTPS listener (--listen-tls or a socket named \"https\"): not used"
+            );
+        }
+        None
+    } else {
+        let files = args.tls_cert.as_deref().zip(args.tls_key.as_deref());
+        let tls = Tls::load(files, &piccolo_api::tls::self_signed_names(&https))?;
+        if matches!(tls.source, CertSource::SelfSigned) {
+            // Printed like the setup code, so a user can compare it with the browser's warning.
+            println!(
+                "piccolo-api: HTTPS uses a self-signed certificate made for this run (new at every restart); SHA-256 fingerprint {}",
+                tls.fingerprint
+            );
+        }
+        tracing::info!(source = ?tls.source, fingerprint = %tls.fingerprint, "TLS certificate loaded");
+        Some(tls)
+    };
     if let Some(code) = code {
         let file = args.runtime_dir.join(piccolo_api::setup::SETUP_CODE_FILE);
-        let url = addrs.first().map(|a| format!("http://{a}/")).unwrap_or_default();
+        let url = match https.first() {
+            Some(a) => format!("https://{a}/"),
+            None => addrs.first().map(|a| format!("http://{a}/")).unwrap_or_default(),
+        };
         // stdout goes to the journal and the console (piccolo-api.service).
         println!("piccolo-api: first-run setup code: {code} (also in {}); open {url} to set up", file.display());
         tracing::warn!(file = %file.display(), "first-run setup pending; the setup code is on stdout and in the file");
@@ -126,12 +165,30 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 
     let shutdown = tokio_util::sync::CancellationToken::new();
     let mut servers = tokio::task::JoinSet::new();
+    // While HTTPS is served, plain HTTP sends browsers there (health checks stay on HTTP).
+    let http_router = match https.first() {
+        Some(a) => {
+            router.clone().layer(axum::middleware::from_fn_with_state(a.port(), piccolo_api::tls::redirect_browsers))
+        }
+        None => router.clone(),
+    };
     for l in listeners {
-        let app = router.clone().into_make_service_with_connect_info::<SocketAddr>();
         let stop = shutdown.clone();
-        servers.spawn(async move { axum::serve(l, app).with_graceful_shutdown(stop.cancelled_owned()).await });
+        match (l.scheme, &tls) {
+            (Scheme::Https, Some(tls)) => {
+                servers.spawn(piccolo_api::tls::serve(l.socket, tls.clone(), router.clone(), stop));
+            }
+            _ => {
+                let app = http_router.clone().into_make_service_with_connect_info::<SocketAddr>();
+                servers.spawn(async move {
+                    if let Err(e) = axum::serve(l.socket, app).with_graceful_shutdown(stop.cancelled_owned()).await {
+                        tracing::error!(error = %e, "HTTP listener failed");
+                    }
+                });
+            }
+        }
     }
-    tracing::info!(listen = ?addrs, state_dir = %args.state_dir.display(), "piccolo-api serving");
+    tracing::info!(listen = ?addrs, https = ?https, state_dir = %args.state_dir.display(), "piccolo-api serving");
     piccolo_api::listen::notify("READY=1\nSTATUS=serving");
     wait_for_signal().await?;
     piccolo_api::listen::notify("STOPPING=1");
