@@ -40,6 +40,18 @@ if [ "$(cat "$conf" 2>/dev/null)" = "$(printf 'GROUP=disabled\nSERVER=')" ]; the
 else
   echo "FAIL flatcar/update.conf must be exactly GROUP=disabled and an empty SERVER="; rc=1
 fi
+# piccolo-api tells its sockets apart by name (LISTEN_FDNAMES): http on 80, https on 443,
+# both handed to piccolo-api.service, which requires both.
+for pair in "piccolo-api.socket:80:http" "piccolo-api-tls.socket:443:https"; do
+  IFS=: read -r sock port name <<<"$pair"
+  f="$repo/systemd/$sock"
+  if grep -qx "ListenStream=$port" "$f" && grep -qx "FileDescriptorName=$name" "$f" \
+     && grep -qx "Service=piccolo-api.service" "$f" && grep -qx "Requires=$sock" "$repo/systemd/piccolo-api.service"; then
+    echo "ok   $sock (port $port, descriptor name $name, required by piccolo-api.service)"
+  else
+    echo "FAIL $sock must listen on $port, be named $name, name piccolo-api.service, and be required by it"; rc=1
+  fi
+done
 # Informational: systemd's own exposure score for each unit.
 for u in "${units[@]}"; do
   score=$(systemd-analyze security --offline=true "$u" 2>/dev/null | tail -1 || true)
