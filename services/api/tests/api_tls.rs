@@ -1,291 +1,472 @@
 // SPDX-License-Identifier: Apache-2.0
-//! HTTPS on the real `piccolo-api` binary, checked with real TLS clients (`openssl s_client`,
-//! `curl` verifying against the served or configured certificate, never `-k`): the
-//! self-signed certificate's fingerprint matches what the worker prints, configured
-//! certificate files are served, a world-readable or missing key stops the start with a
-//! clear message, browsers on plain HTTP are sent to https while health checks are not, and
-//! socket activation with descriptors named `http` and `https` serves each scheme on its own
-//! socket (`systemd-socket-activate`).
+//! HTTPS on the real `piccolo-api` binary with a real TLS client (hyper over tokio-rustls):
+//! the self-signed certificate pinned by the fingerprint the worker prints, a configured
+//! certificate verified against a CA made here with rcgen, `Secure` cookies on TLS only,
+//! browsers redirected from plain HTTP (health stays there), key files refused at start, and
+//! socket activation with two named descriptors through `systemd-socket-activate`.
+//! Self-contained on purpose (no `common`): that module is being rewritten elsewhere.
 
-use std::io::Write;
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use base64::Engine;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use serde_json::json;
+
+const PASSWORD: &str = "first password 1";
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A running `piccolo-api` (killed on drop) with its stdout/stderr in `dir/api.log`.
-struct Api {
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A running worker (or `systemd-socket-activate` exec'ing into it); SIGKILLed on drop.
+struct Proc {
     dir: tempfile::TempDir,
     child: Child,
 }
 
-impl Drop for Api {
+impl Proc {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("api.log")).unwrap_or_default()
+    }
+    fn setup_code(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("run/setup-code")).unwrap().trim().to_string()
+    }
+    /// The fingerprint the worker printed for its self-signed certificate.
+    fn fingerprint(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log();
+            if let Some(fp) = log.split("SHA-256 fingerprint ").nth(1) {
+                return fp.split_whitespace().next().unwrap().to_string();
+            }
+            assert!(Instant::now() < deadline, "no fingerprint printed: {log}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    /// Waits for the process to exit; its status.
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "still running: {}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-impl Api {
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("api.log")).unwrap_or_default()
-    }
-}
-
-fn api_command(dir: &Path, args: &[String]) -> Command {
-    let mut cmd = Command::new(piccolo_testkit::bins::bin("piccolo-api"));
-    cmd.arg("--state-dir")
-        .arg(dir.join("state"))
-        .arg("--runtime-dir")
-        .arg(dir.join("run"))
-        .arg("--broker-socket")
-        .arg(dir.join("no-broker.sock"))
-        .args(["--kdf-memory-kib", "8192", "--kdf-passes", "1", "--boot-poll-secs", "0"])
-        .args(args);
-    let log = std::fs::File::create(dir.join("api.log")).unwrap();
-    cmd.stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null());
-    cmd
-}
-
-fn start(args: &[String], wait_for: &str) -> Api {
+/// Starts the worker (behind `wrapper` if given) with a fast KDF and `extra` flags.
+fn spawn(wrapper: &[String], extra: &[String]) -> Proc {
     let dir = tempfile::Builder::new().prefix("piccolo-api-tls-").tempdir().unwrap();
-    let child = api_command(dir.path(), args).spawn().unwrap();
-    let api = Api { dir, child };
-    wait_log(&api, wait_for);
-    api
+    let bin = piccolo_testkit::bins::bin("piccolo-api");
+    let log = std::fs::File::create(dir.path().join("api.log")).unwrap();
+    let p = |s: &str| dir.path().join(s).display().to_string();
+    let mut argv: Vec<String> = wrapper.to_vec();
+    argv.push(bin.display().to_string());
+    argv.extend(
+        ["--state-dir", &p("state"), "--runtime-dir", &p("run"), "--broker-socket", &p("no-broker.sock")]
+            .map(String::from),
+    );
+    argv.extend(["--kdf-memory-kib", "8192", "--kdf-passes", "1", "--boot-poll-secs", "0"].map(String::from));
+    argv.extend(extra.iter().cloned());
+    let child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    Proc { dir, child }
 }
 
-fn wait_log(api: &Api, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !api.log().contains(needle) {
-        assert!(Instant::now() < deadline, "piccolo-api never logged {needle:?}:\n{}", api.log());
+fn wait_connectable(p: &Proc, a: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(a).is_err() {
+        assert!(Instant::now() < deadline, "piccolo-api did not start: {}", p.log());
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-/// Waits until `port` accepts TCP connections.
-fn wait_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {port}");
-        std::thread::sleep(Duration::from_millis(50));
+/// Accepts exactly the certificate whose SHA-256 is `fingerprint` (signatures still checked).
+#[derive(Debug)]
+struct Pinned {
+    fingerprint: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+fn sha256_colon_hex(der: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(der).iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+}
+
+impl ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if sha256_colon_hex(end_entity) == self.fingerprint {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
-fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null()).output().unwrap()
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The leaf certificate the server on `port` presents, as PEM (no verification: the caller
-/// compares or pins it).
-fn served_cert_pem(port: u16) -> String {
-    let out = run(Command::new("openssl").args([
-        "s_client",
-        "-connect",
-        &format!("127.0.0.1:{port}"),
-        "-servername",
-        "localhost",
-    ]));
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let begin = text.find("-----BEGIN CERTIFICATE-----").unwrap_or_else(|| panic!("no certificate served:\n{text}"));
-    let end = text.find("-----END CERTIFICATE-----").unwrap() + "-----END CERTIFICATE-----".len();
-    format!("{}\n", &text[begin..end])
+fn pinned_client(fingerprint: &str) -> Arc<rustls::ClientConfig> {
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Pinned { fingerprint: fingerprint.into(), provider: provider() }))
+        .with_no_client_auth();
+    Arc::new(cfg)
 }
 
-fn fingerprint_of(pem: &Path) -> String {
-    let out = run(Command::new("openssl").args(["x509", "-noout", "-fingerprint", "-sha256", "-in"]).arg(pem));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let s = String::from_utf8(out.stdout).unwrap();
-    s.trim().split_once('=').unwrap().1.to_string()
+fn ca_client(ca: &CertificateDer<'static>) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(cfg)
 }
 
-/// `curl` over https to `localhost:port`, verifying against `ca` only (not the system store).
-/// Returns (status, headers, body).
-fn curl_https(port: u16, ca: &Path, path: &str, extra: &[&str]) -> (u16, String, String) {
-    curl(
-        &format!("https://localhost:{port}{path}"),
-        &["--cacert", ca.to_str().unwrap(), "--resolve", &format!("localhost:{port}:127.0.0.1")],
-        extra,
+#[derive(Debug)]
+struct Resp {
+    status: u16,
+    headers: hyper::HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection: over TLS with `tls` (SNI `host`), else plain.
+async fn request(
+    to: SocketAddr,
+    tls: Option<(Arc<rustls::ClientConfig>, &str)>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<serde_json::Value>,
+) -> Result<Resp, String> {
+    let tcp = tokio::net::TcpStream::connect(to).await.map_err(|e| e.to_string())?;
+    let mut req = hyper::Request::builder().method(method).uri(path).header("host", to.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let body = match body {
+        Some(b) => {
+            req = req.header("content-type", "application/json");
+            serde_json::to_vec(&b).unwrap()
+        }
+        None => Vec::new(),
+    };
+    let req = req.body(Full::new(Bytes::from(body))).unwrap();
+    macro_rules! send {
+        ($io:expr) => {{
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new($io))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            sender.send_request(req).await.map_err(|e| e.to_string())?
+        }};
+    }
+    let resp = match tls {
+        Some((cfg, host)) => {
+            let name = ServerName::try_from(host.to_string()).unwrap();
+            let stream = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.map_err(|e| e.to_string())?;
+            send!(stream)
+        }
+        None => send!(tcp),
+    };
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
+    Ok(Resp { status, headers, body })
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap()).collect();
+    format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
+}
+
+#[test]
+fn self_signed_https_pinned_login_sets_secure_cookie_and_plain_http_does_not() {
+    let (hp, sp) = (free_port(), free_port());
+    let api = spawn(&[], &["--listen".into(), addr(hp).to_string(), "--listen-tls".into(), addr(sp).to_string()]);
+    wait_connectable(&api, addr(hp));
+    let fp = api.fingerprint();
+    rt().block_on(async {
+        let tls = || Some((pinned_client(&fp), "localhost"));
+        let r = request(addr(sp), tls(), "GET", "/api/v1/health/live", &[], None).await.unwrap();
+        assert_eq!(r.status, 200, "{:?}", r);
+        // The pin holds: another fingerprint is refused in the handshake.
+        let wrong = fp.replace(&fp[..2], if &fp[..2] == "00" { "01" } else { "00" });
+        let e = request(addr(sp), Some((pinned_client(&wrong), "localhost")), "GET", "/api/v1/health/live", &[], None)
+            .await
+            .unwrap_err();
+        assert!(e.to_lowercase().contains("certificate"), "{e}");
+        // The TLS port speaks only TLS.
+        assert!(request(addr(sp), None, "GET", "/api/v1/health/live", &[], None).await.is_err());
+
+        let r = request(
+            addr(sp),
+            tls(),
+            "POST",
+            "/api/v1/setup",
+            &[],
+            Some(json!({"setup_code": api.setup_code(), "password": PASSWORD})),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 201, "{:?}", r);
+        let login = json!({"password": PASSWORD});
+        let r = request(addr(sp), tls(), "POST", "/api/v1/auth/login", &[], Some(login.clone())).await.unwrap();
+        assert_eq!(r.status, 200, "{:?}", r);
+        let cookie = r.header("set-cookie").unwrap().to_string();
+        assert!(cookie.ends_with("; Secure") && cookie.contains("HttpOnly"), "{cookie}");
+        let session = cookie.split(';').next().unwrap().to_string();
+        let r = request(addr(sp), tls(), "GET", "/api/v1/auth/session", &[("cookie", &session)], None).await.unwrap();
+        assert_eq!((r.status, r.json()["via"].clone()), (200, json!("cookie")));
+
+        // Plain HTTP: an API client is served, its cookie is not Secure.
+        let r = request(addr(hp), None, "POST", "/api/v1/auth/login", &[], Some(login)).await.unwrap();
+        assert_eq!(r.status, 200, "{:?}", r);
+        let cookie = r.header("set-cookie").unwrap();
+        assert!(!cookie.contains("Secure"), "{cookie}");
+        // A browser navigation is sent to https (same host, path, the TLS port) ...
+        let browser = [("accept", "text/html,application/xhtml+xml,*/*;q=0.8")];
+        let r = request(addr(hp), None, "GET", "/api/v1/crypto/status?x=1", &browser, None).await.unwrap();
+        assert_eq!(r.status, 307, "{:?}", r);
+        assert_eq!(r.header("location"), Some(format!("https://127.0.0.1:{sp}/api/v1/crypto/status?x=1").as_str()));
+        // ... except the health endpoints, which stay on plain HTTP for local checks.
+        for path in ["/api/v1/health/live", "/api/v1/health/ready"] {
+            let r = request(addr(hp), None, "GET", path, &browser, None).await.unwrap();
+            assert_eq!(r.status, 200, "{path}: {:?}", r);
+        }
+    });
+    assert!(!api.log().contains(PASSWORD));
+}
+
+#[test]
+fn configured_certificate_is_served_and_verified_against_its_ca() {
+    // A CA and a leaf for piccolo.test made here; the worker gets the leaf chain and key.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "piccolo test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf =
+        rcgen::CertificateParams::new(vec!["piccolo.test".to_string()]).unwrap().signed_by(&leaf_key, &issuer).unwrap();
+
+    let files = tempfile::tempdir().unwrap();
+    let cert_path = files.path().join("cert.pem");
+    let key_path = files.path().join("key.pem");
+    std::fs::write(&cert_path, pem("CERTIFICATE", leaf.der()) + &pem("CERTIFICATE", ca_cert.der())).unwrap();
+    std::fs::write(&key_path, pem("PRIVATE KEY", &leaf_key.serialize_der())).unwrap();
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o640)).unwrap();
+
+    let (hp, sp) = (free_port(), free_port());
+    let api = spawn(
+        &[],
+        &[
+            "--listen".into(),
+            addr(hp).to_string(),
+            "--listen-tls".into(),
+            addr(sp).to_string(),
+            "--tls-cert".into(),
+            cert_path.display().to_string(),
+            "--tls-key".into(),
+            key_path.display().to_string(),
+        ],
+    );
+    wait_connectable(&api, addr(hp));
+    rt().block_on(async {
+        let ca = ca_cert.der().clone();
+        let r = request(addr(sp), Some((ca_client(&ca), "piccolo.test")), "GET", "/api/v1/health/live", &[], None)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{:?}", r);
+        // Real verification: the wrong name fails, so does another CA.
+        let e = request(addr(sp), Some((ca_client(&ca), "other.test")), "GET", "/api/v1/health/live", &[], None)
+            .await
+            .unwrap_err();
+        assert!(e.to_lowercase().contains("certificate"), "{e}");
+        let other = rcgen::generate_simple_self_signed(vec!["piccolo.test".to_string()]).unwrap();
+        let e = request(
+            addr(sp),
+            Some((ca_client(other.cert.der()), "piccolo.test")),
+            "GET",
+            "/api/v1/health/live",
+            &[],
+            None,
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_lowercase().contains("certificate"), "{e}");
+    });
+    assert!(!api.log().contains("self-signed"), "{}", api.log());
+}
+
+fn start_with_key(key_path: &Path, cert_path: &Path) -> Proc {
+    let sp = free_port();
+    spawn(
+        &[],
+        &[
+            "--listen".into(),
+            addr(free_port()).to_string(),
+            "--listen-tls".into(),
+            addr(sp).to_string(),
+            "--tls-cert".into(),
+            cert_path.display().to_string(),
+            "--tls-key".into(),
+            key_path.display().to_string(),
+        ],
     )
 }
 
-fn curl(url: &str, tls: &[&str], extra: &[&str]) -> (u16, String, String) {
-    let out = run(Command::new("curl")
-        .args(["-sS", "--max-time", "20", "-D", "-", "-o", "-", "-w", "\n%{http_code}"])
-        .args(tls)
-        .args(extra)
-        .arg(url));
-    assert!(out.status.success(), "curl {url} failed: {}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8(out.stdout).unwrap();
-    let (rest, code) = text.rsplit_once('\n').unwrap();
-    let (headers, body) = rest.split_once("\r\n\r\n").unwrap_or((rest, ""));
-    (code.trim().parse().unwrap(), headers.to_string(), body.to_string())
-}
-
 #[test]
-fn self_signed_certificate_is_served_and_matches_the_printed_fingerprint() {
-    let (http, https) = (free_port(), free_port());
-    let api = start(
-        &[
-            "--listen".into(),
-            format!("127.0.0.1:{http}"),
-            "--listen-tls".into(),
-            format!("127.0.0.1:{https}"),
-        ],
-        "SHA-256 fingerprint",
-    );
-    wait_port(https);
+fn world_readable_or_missing_key_is_refused_at_start() {
+    let c = rcgen::generate_simple_self_signed(vec!["piccolo.test".to_string()]).unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let cert_path = files.path().join("cert.pem");
+    let key_path = files.path().join("key.pem");
+    std::fs::write(&cert_path, pem("CERTIFICATE", c.cert.der())).unwrap();
+    std::fs::write(&key_path, pem("PRIVATE KEY", &c.signing_key.serialize_der())).unwrap();
+
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut api = start_with_key(&key_path, &cert_path);
+    assert!(!api.wait_exit().success());
     let log = api.log();
-    let printed = log.split("SHA-256 fingerprint ").nth(1).unwrap().lines().next().unwrap().trim().to_string();
-    let pem = api.dir.path().join("served.pem");
-    std::fs::write(&pem, served_cert_pem(https)).unwrap();
-    assert_eq!(fingerprint_of(&pem), printed, "the served certificate is not the one whose fingerprint was printed");
+    assert!(log.contains("is accessible to every user (mode 0644)") && log.contains("key.pem"), "{log}");
+    assert!(!log.contains("BEGIN"), "key material in the log: {log}");
 
-    // curl verifies the chain and the name (localhost) against that certificate alone.
-    let (code, _, body) = curl_https(https, &pem, "/api/v1/health/live", &[]);
-    assert_eq!(code, 200, "{body}");
-    // The first-run setup code URL points at https.
-    assert!(log.contains(&format!("open https://127.0.0.1:{https}/")), "{log}");
+    let missing = files.path().join("missing.pem");
+    let mut api = start_with_key(&missing, &cert_path);
+    assert!(!api.wait_exit().success());
+    let log = api.log();
+    assert!(log.contains("cannot read TLS key") && log.contains("missing.pem"), "{log}");
+    assert!(log.contains("No such file"), "{log}");
 
-    // Plain HTTP: health stays there, API clients are served, a browser navigation is sent
-    // to https on the same host and path.
-    let (code, _, _) = curl(&format!("http://127.0.0.1:{http}/api/v1/health/live"), &[], &["-H", "Accept: text/html"]);
-    assert_eq!(code, 200);
-    let (code, _, _) = curl(&format!("http://127.0.0.1:{http}/api/v1/crypto/status"), &[], &[]);
-    assert_ne!(code, 307, "an API client was redirected");
-    let (code, headers, _) = curl(&format!("http://127.0.0.1:{http}/some/page?x=1"), &[], &["-H", "Accept: text/html"]);
-    assert_eq!(code, 307, "{headers}");
-    let location = headers
-        .lines()
-        .find_map(|l| l.strip_prefix("location: ").or_else(|| l.strip_prefix("Location: ")))
-        .unwrap_or_else(|| panic!("no Location in {headers}"));
-    assert_eq!(location.trim(), format!("https://127.0.0.1:{https}/some/page?x=1"));
-
-    // A client that does not trust the certificate is refused by its own TLS check: the
-    // certificate really is what curl verified above, not something curl skips.
-    let out = run(Command::new("curl")
-        .args(["-sS", "--max-time", "10", "--resolve", &format!("localhost:{https}:127.0.0.1")])
-        .arg(format!("https://localhost:{https}/api/v1/health/live")));
-    assert!(!out.status.success(), "an untrusted self-signed certificate was accepted");
+    // The same key at 0600 starts (the refusal above was about the mode).
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut api = start_with_key(&key_path, &cert_path);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(api.child.try_wait().unwrap().is_none(), "exited: {}", api.log());
 }
 
-/// A certificate and key made with openssl for `localhost`; key mode `key_mode`.
-fn make_cert(dir: &Path, key_mode: u32) -> (std::path::PathBuf, std::path::PathBuf) {
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let out = run(Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2"])
-        .args(["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(key_mode)).unwrap();
-    (cert, key)
+fn socket_activate(names: &str, ports: &[u16]) -> Proc {
+    let mut wrapper = vec!["systemd-socket-activate".to_string()];
+    for p in ports {
+        wrapper.push(format!("--listen={}", addr(*p)));
+    }
+    wrapper.push(format!("--fdname={names}"));
+    // The development flags must be ignored when sockets are passed.
+    spawn(&wrapper, &["--listen".into(), "127.0.0.1:1".into(), "--listen-tls".into(), "127.0.0.1:2".into()])
 }
 
 #[test]
-fn configured_certificate_files_are_served() {
-    let certs = tempfile::tempdir().unwrap();
-    let (cert, key) = make_cert(certs.path(), 0o600);
-    let https = free_port();
-    let api = start(
-        &[
-            "--listen".into(),
-            format!("127.0.0.1:{}", free_port()),
-            "--listen-tls".into(),
-            format!("127.0.0.1:{https}"),
-            "--tls-cert".into(),
-            cert.display().to_string(),
-            "--tls-key".into(),
-            key.display().to_string(),
-        ],
-        "piccolo-api serving",
+fn socket_activation_serves_http_and_https_by_descriptor_name() {
+    let (hp, sp) = (free_port(), free_port());
+    let api = socket_activate("http:https", &[hp, sp]);
+    wait_connectable(&api, addr(hp));
+    rt().block_on(async {
+        // The first connection makes systemd-socket-activate exec the worker with both fds.
+        let r = request(addr(hp), None, "GET", "/api/v1/health/live", &[], None).await.unwrap();
+        assert_eq!(r.status, 200, "{:?}", r);
+        let fp = api.fingerprint();
+        let r = request(addr(sp), Some((pinned_client(&fp), "localhost")), "GET", "/api/v1/health/live", &[], None)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{:?}", r);
+        // Each descriptor speaks only its own scheme.
+        assert!(request(addr(sp), None, "GET", "/api/v1/health/live", &[], None).await.is_err());
+        assert!(
+            request(addr(hp), Some((pinned_client(&fp), "localhost")), "GET", "/api/v1/health/live", &[], None)
+                .await
+                .is_err()
+        );
+    });
+    // No development socket was bound (flags ignored under socket activation).
+    assert!(api.log().contains(&format!("127.0.0.1:{sp}")), "{}", api.log());
+    assert!(!api.log().contains("127.0.0.1:2\""), "{}", api.log());
+}
+
+#[test]
+fn socket_activation_refuses_an_unknown_descriptor_name() {
+    let (hp, xp) = (free_port(), free_port());
+    let mut api = socket_activate("http:admin", &[hp, xp]);
+    wait_connectable(&api, addr(hp));
+    // Trigger the exec; the worker must refuse to start.
+    let _ = std::net::TcpStream::connect(addr(hp));
+    assert!(!api.wait_exit().success());
+    let log = api.log();
+    assert!(
+        log.contains("descriptor 1 is named \\\"admin\\\"") || log.contains("descriptor 1 is named \"admin\""),
+        "{log}"
     );
-    assert!(!api.log().contains("self-signed certificate made for this run"), "{}", api.log());
-    let (code, _, body) = curl_https(https, &cert, "/api/v1/health/live", &[]);
-    assert_eq!(code, 200, "{body}");
-    let pem = certs.path().join("served.pem");
-    std::fs::write(&pem, served_cert_pem(https)).unwrap();
-    assert_eq!(fingerprint_of(&pem), fingerprint_of(&cert));
-}
-
-fn start_fails(args: &[String]) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = api_command(dir.path(), args).spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("piccolo-api kept running with {args:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(!status.success());
-    std::fs::read_to_string(dir.path().join("api.log")).unwrap()
-}
-
-#[test]
-fn world_readable_or_missing_key_stops_the_start() {
-    let certs = tempfile::tempdir().unwrap();
-    let (cert, key) = make_cert(certs.path(), 0o644);
-    let args = |key: &Path| {
-        vec![
-            "--listen".into(),
-            format!("127.0.0.1:{}", free_port()),
-            "--listen-tls".into(),
-            format!("127.0.0.1:{}", free_port()),
-            "--tls-cert".into(),
-            cert.display().to_string(),
-            "--tls-key".into(),
-            key.display().to_string(),
-        ]
-    };
-    let log = start_fails(&args(&key));
-    assert!(log.contains(&key.display().to_string()) && log.contains("readable"), "{log}");
-    assert!(!log.contains("PRIVATE KEY"), "key material in the message: {log}");
-    let missing = certs.path().join("missing.pem");
-    let log = start_fails(&args(&missing));
-    assert!(log.contains(&missing.display().to_string()), "{log}");
-}
-
-#[test]
-fn socket_activation_serves_http_and_https_descriptors_by_name() {
-    let (http, https) = (free_port(), free_port());
-    let dir = tempfile::Builder::new().prefix("piccolo-api-tls-").tempdir().unwrap();
-    // systemd-socket-activate binds both ports, then execs the worker with LISTEN_FDS=2 and
-    // LISTEN_FDNAMES=http:https, as piccolo-api.socket + piccolo-api-tls.socket would.
-    let inner = api_command(dir.path(), &[]);
-    let mut cmd = Command::new("systemd-socket-activate");
-    cmd.args(["-l", &format!("127.0.0.1:{http}"), "-l", &format!("127.0.0.1:{https}")])
-        .args(["--fdname=http:https"])
-        .arg(inner.get_program())
-        .args(inner.get_args());
-    let log = std::fs::File::create(dir.path().join("api.log")).unwrap();
-    cmd.stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null());
-    let api = Api { child: cmd.spawn().unwrap(), dir };
-    wait_port(https);
-    // systemd-socket-activate accepts lazily: the worker starts on the first connection.
-    let pem = api.dir.path().join("served.pem");
-    std::fs::write(&pem, served_cert_pem(https)).unwrap();
-    wait_log(&api, "piccolo-api serving");
-    let (code, _, body) = curl_https(https, &pem, "/api/v1/health/live", &[]);
-    assert_eq!(code, 200, "{body}\n{}", api.log());
-    let (code, _, _) = curl(&format!("http://127.0.0.1:{http}/api/v1/health/live"), &[], &[]);
-    assert_eq!(code, 200);
-    // The http descriptor does not speak TLS, and the https one does not speak plain HTTP.
-    let out = run(Command::new("curl").args(["-sS", "--max-time", "10", "-k"]).arg(format!("https://127.0.0.1:{http}/")));
-    assert!(!out.status.success(), "TLS answered on the http descriptor");
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", https)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /api/v1/health/live HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut buf = [0u8; 64];
-    let n = std::io::Read::read(&mut s, &mut buf).unwrap_or(0);
-    assert!(!String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"), "plain HTTP answered on https");
 }
