@@ -412,6 +412,15 @@ fn world_readable_or_missing_key_is_refused_at_start() {
     assert!(log.contains("cannot read TLS key") && log.contains("missing.pem"), "{log}");
     assert!(log.contains("No such file"), "{log}");
 
+    // A key that does not belong to the certificate.
+    let other = rcgen::KeyPair::generate().unwrap();
+    let other_path = files.path().join("other.pem");
+    std::fs::write(&other_path, pem("PRIVATE KEY", &other.serialize_der())).unwrap();
+    std::fs::set_permissions(&other_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut api = start_with_key(&other_path, &cert_path);
+    assert!(!api.wait_exit().success());
+    assert!(api.log().contains("TLS configuration refused"), "{}", api.log());
+
     // The same key at 0600 starts (the refusal above was about the mode).
     std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
     let mut api = start_with_key(&key_path, &cert_path);
