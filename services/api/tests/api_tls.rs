@@ -257,6 +257,7 @@ fn self_signed_https_pinned_login_sets_secure_cookie_and_plain_http_does_not() {
     let (hp, sp) = (free_port(), free_port());
     let api = spawn(&[], &["--listen".into(), addr(hp).to_string(), "--listen-tls".into(), addr(sp).to_string()]);
     wait_connectable(&api, addr(hp));
+    wait_connectable(&api, addr(sp));
     let fp = api.fingerprint();
     rt().block_on(async {
         let tls = || Some((pinned_client(&fp), "localhost"));
@@ -344,7 +345,9 @@ fn configured_certificate_is_served_and_verified_against_its_ca() {
             key_path.display().to_string(),
         ],
     );
+    // Both sockets: the https one is bound just after the http one.
     wait_connectable(&api, addr(hp));
+    wait_connectable(&api, addr(sp));
     rt().block_on(async {
         let ca = ca_cert.der().clone();
         let r = request(addr(sp), Some((ca_client(&ca), "piccolo.test")), "GET", "/api/v1/health/live", &[], None)
