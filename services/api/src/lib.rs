@@ -22,3 +22,4 @@ pub mod ratelimit;
 pub mod routes;
 pub mod setup;
 pub mod state;
+pub mod updates;
