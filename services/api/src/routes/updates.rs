@@ -36,7 +36,7 @@ fn force(body: Option<ApiJson<UpdateJobRequest>>) -> bool {
 
 /// The update worker's status: phase, version, download progress, message, running version,
 /// window, last/next check and the record of attempts. Not gated on the lock state.
-#[utoipa::path(get, path = "/api/v1/updates", tag = "updates", security(("bearer" = []), ("cookie" = [])),
+#[utoipa::path(get, path = "/api/v1/updates", operation_id = "updates_status", tag = "updates", security(("bearer" = []), ("cookie" = [])),
     responses(
         (status = 200, description = "Update status", body = UpdateStatus),
         (status = 401, description = "Not logged in", body = ErrorBody),
@@ -50,7 +50,7 @@ pub async fn status(State(state): State<SharedState>, _auth: AuthAnyLock) -> Res
 /// Checks the update server now. Answers once the check has a result; an update found is
 /// downloaded, written and activated in the background (follow it on `GET /api/v1/events`),
 /// then waits for the maintenance window. Not gated on the lock state.
-#[utoipa::path(post, path = "/api/v1/updates/check", tag = "updates", security(("bearer" = []), ("cookie" = [])),
+#[utoipa::path(post, path = "/api/v1/updates/check", operation_id = "updates_check", tag = "updates", security(("bearer" = []), ("cookie" = [])),
     request_body(content = Option<UpdateJobRequest>, description = "Optional; without a body `force` is false"),
     responses(
         (status = 200, description = "The status after the check", body = UpdateStatus),
@@ -72,7 +72,7 @@ pub async fn check(
 
 /// Installs now and reboots as soon as the update is staged, outside the window (reboots at
 /// once when an update is staged already). Not gated on the lock state.
-#[utoipa::path(post, path = "/api/v1/updates/apply", tag = "updates", security(("bearer" = []), ("cookie" = [])),
+#[utoipa::path(post, path = "/api/v1/updates/apply", operation_id = "updates_apply", tag = "updates", security(("bearer" = []), ("cookie" = [])),
     request_body(content = Option<UpdateJobRequest>, description = "Optional; without a body `force` is false"),
     responses(
         (status = 200, description = "The status once the command was taken", body = UpdateStatus),
@@ -95,7 +95,7 @@ pub async fn apply(
 /// Stops a download, or un-stages an activated update (the inactive slot becomes unbootable).
 /// The version is recorded `cancelled` and not retried automatically. Not gated on the lock
 /// state.
-#[utoipa::path(post, path = "/api/v1/updates/cancel", tag = "updates", security(("bearer" = []), ("cookie" = [])),
+#[utoipa::path(post, path = "/api/v1/updates/cancel", operation_id = "updates_cancel", tag = "updates", security(("bearer" = []), ("cookie" = [])),
     responses(
         (status = 200, description = "The status after cancelling", body = UpdateStatus),
         (status = 401, description = "Not logged in", body = ErrorBody),
@@ -110,7 +110,7 @@ pub async fn cancel(State(state): State<SharedState>, _auth: AuthAnyLock) -> Res
 
 /// Makes the other slot boot next and reboots. The broker refuses unless that slot would boot.
 /// Not gated on the lock state.
-#[utoipa::path(post, path = "/api/v1/updates/rollback", tag = "updates", security(("bearer" = []), ("cookie" = [])),
+#[utoipa::path(post, path = "/api/v1/updates/rollback", operation_id = "updates_rollback", tag = "updates", security(("bearer" = []), ("cookie" = [])),
     responses(
         (status = 200, description = "Rollback set; a reboot was requested", body = UpdateStatus),
         (status = 401, description = "Not logged in", body = ErrorBody),
@@ -125,7 +125,7 @@ pub async fn rollback(State(state): State<SharedState>, _auth: AuthAnyLock) -> R
 
 /// Replaces the maintenance window (`HH:MM` UTC, may wrap midnight; equal times mean any
 /// time). Kept by the update worker across restarts. Not gated on the lock state.
-#[utoipa::path(put, path = "/api/v1/updates/window", tag = "updates", security(("bearer" = []), ("cookie" = [])),
+#[utoipa::path(put, path = "/api/v1/updates/window", operation_id = "updates_set_window", tag = "updates", security(("bearer" = []), ("cookie" = [])),
     request_body = UpdateWindow,
     responses(
         (status = 200, description = "The status with the new window", body = UpdateStatus),
