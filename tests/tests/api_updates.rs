@@ -208,7 +208,8 @@ fn updates_through_the_api() {
 
     // First run, login.
     let code = std::fs::read_to_string(api.dir.path().join("run/setup-code")).unwrap();
-    let (c, b) = api.req("POST", "/api/v1/setup", &[], Some(&json!({"setup_code": code.trim(), "password": "updates pw 1"})));
+    let (c, b) =
+        api.req("POST", "/api/v1/setup", &[], Some(&json!({"setup_code": code.trim(), "password": "updates pw 1"})));
     assert_eq!(c, 201, "{b}");
     let (status, head_and_body) = {
         let mut s = TcpStream::connect(api.addr).unwrap();
@@ -265,7 +266,8 @@ fn updates_through_the_api() {
     assert_eq!(s["window"], json!({"start": ws, "end": we}), "{s}");
 
     // The window: malformed → 400 (the updater keeps the old one); a good one is stored.
-    for bad in [json!({"start": "25:00", "end": "01:00"}), json!({"start": "2:00", "end": "03:00"}), json!({"start": "02:00"})]
+    for bad in
+        [json!({"start": "25:00", "end": "01:00"}), json!({"start": "2:00", "end": "03:00"}), json!({"start": "02:00"})]
     {
         let (c, b) = api.req("PUT", "/api/v1/updates/window", auth, Some(&bad));
         assert_eq!((c, b["error"]["code"].as_str()), (400, Some("bad_request")), "{bad}: {b}");
