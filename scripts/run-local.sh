@@ -69,11 +69,44 @@ export PICCOLO_BROKER_SOCKET=$state/run/broker.sock
 target/debug/piccoloctl info
 echo
 
+# The update worker, control socket $state/run/updater/updater.sock (the API's updates and
+# update events go through it). Without PICCOLO_UPDATE_SERVER / PICCOLO_UPDATE_KEY it points
+# at nothing with a throw-away release key: status, window and cancel work, a check fails
+# (502 update_failed through the API). The development policy above does not grant the Boot
+# and SignDeviceToken RPCs, so a real update cannot be installed from this stack.
+mkdir -p "$state/updater" "$state/run/updater"
+if [ -z "${PICCOLO_UPDATE_KEY:-}" ] && [ ! -f "$state/etc/dev-release.pub" ]; then
+  openssl genpkey -algorithm ed25519 -out "$state/etc/dev-release.pem" 2>/dev/null
+  openssl pkey -in "$state/etc/dev-release.pem" -pubout -outform DER | tail -c 32 | od -An -tx1 | tr -d ' \n' \
+    >"$state/etc/dev-release.pub"
+fi
+cat > "$state/etc/updater.toml" <<UPDATER
+server = "${PICCOLO_UPDATE_SERVER:-http://127.0.0.1:9}"
+manifest_public_key = "${PICCOLO_UPDATE_KEY:-$(cat "$state/etc/dev-release.pub")}"
+state_dir = "$state/updater"
+socket = "$state/run/updater/updater.sock"
+socket_group = "$socket_group"
+broker_socket = "$state/run/broker.sock"
+version_file = "$state/etc/os-release"
+UPDATER
+[ -f "$state/etc/os-release" ] || printf 'NAME=Piccolo\nVERSION_ID=0.0.0-dev\n' >"$state/etc/os-release"
+if [ "$(id -u)" -eq 0 ]; then
+  chown piccolo-updater:piccolo-updater "$state/updater" "$state/run/updater"
+  chmod 0700 "$state/updater"; chmod 0755 "$state/run/updater"
+  setpriv --reuid="$(id -u piccolo-updater)" --regid="$(id -g piccolo-updater)" --init-groups --no-new-privs \
+    target/debug/piccolo-updater --config "$state/etc/updater.toml" &
+else
+  target/debug/piccolo-updater --config "$state/etc/updater.toml" &
+fi
+pids+=($!)
+for _ in $(seq 100); do [ -S "$state/run/updater/updater.sock" ] && break; sleep 0.1; done
+
 # The HTTP API worker on 127.0.0.1:8080, key set and control store under $state/api.
 # Development KDF cost stays the production one; only the listen address differs.
 mkdir -p "$state/api" "$state/run/api"
 api=(target/debug/piccolo-api --listen 127.0.0.1:8080 --state-dir "$state/api" --runtime-dir "$state/run/api"
   --broker-socket "$state/run/broker.sock")
+api+=(--updater-socket "$state/run/updater/updater.sock")
 if [ "$(id -u)" -eq 0 ]; then
   chown -R piccolo-api:piccolo-api "$state/api" "$state/run/api"
   chmod 0700 "$state/api" "$state/run/api"
@@ -94,6 +127,7 @@ if [ -f "$state/run/api/setup-code" ]; then
 fi
 echo "run-local: API on http://127.0.0.1:8080/api/v1 (OpenAPI: /api/v1/openapi.json)"
 echo "run-local: broker on $PICCOLO_BROKER_SOCKET, audit log $state/log/audit.jsonl"
+echo "run-local: updater on $state/run/updater/updater.sock (API: /api/v1/updates)"
 echo "run-local: try: PICCOLO_BROKER_SOCKET=$PICCOLO_BROKER_SOCKET target/debug/piccoloctl whoami"
 echo "run-local: Ctrl-C stops the stack."
 wait

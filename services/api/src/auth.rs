@@ -265,34 +265,47 @@ impl FromRequestParts<SharedState> for Auth {
         // Order: a missing or invalid credential is 401 whatever the state; a bad CSRF token
         // 403; a valid session while the store is locked 423 (sessions survive a lock, so the
         // client unlocks and carries on).
-        let sessions = &state.sessions;
-        let bearer = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").map(str::trim));
-        let (via, sid) = if let Some(token) = bearer {
-            (AuthVia::Bearer, sessions.sid_from_jwt(token).ok_or(ApiError::Unauthenticated)?)
-        } else if let Some(sid) = cookie_value(parts, SESSION_COOKIE) {
-            (AuthVia::Cookie, sid.to_string())
-        } else {
-            return Err(ApiError::Unauthenticated);
-        };
-        let (hash, session) = sessions.lookup(&sid).ok_or(ApiError::Unauthenticated)?;
-        let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
-        if via == AuthVia::Cookie && !safe {
-            let given = parts.headers.get(CSRF_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
-            if !ct_eq(given, session.csrf.as_bytes()) {
-                return Err(ApiError::Csrf);
-            }
-        }
+        let auth = authenticate(parts, state)?;
         require_unlocked(state.backend.as_ref())?;
-        Ok(Auth {
-            session: hash,
-            via,
-            csrf_token: session.csrf,
-            created_at: session.created,
-            expires_at: session.expires,
-        })
+        Ok(auth)
     }
+}
+
+/// An admin request to an endpoint that does not need the control store (updates): the same
+/// credential (401) and CSRF (403) checks as [`Auth`], but no 423 while locked.
+#[derive(Debug, Clone)]
+pub struct AuthAnyLock(pub Auth);
+
+impl FromRequestParts<SharedState> for AuthAnyLock {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<AuthAnyLock, ApiError> {
+        authenticate(parts, state).map(AuthAnyLock)
+    }
+}
+
+/// The credential and CSRF checks shared by [`Auth`] and [`AuthAnyLock`].
+fn authenticate(parts: &Parts, state: &SharedState) -> Result<Auth, ApiError> {
+    let sessions = &state.sessions;
+    let bearer = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").map(str::trim));
+    let (via, sid) = if let Some(token) = bearer {
+        (AuthVia::Bearer, sessions.sid_from_jwt(token).ok_or(ApiError::Unauthenticated)?)
+    } else if let Some(sid) = cookie_value(parts, SESSION_COOKIE) {
+        (AuthVia::Cookie, sid.to_string())
+    } else {
+        return Err(ApiError::Unauthenticated);
+    };
+    let (hash, session) = sessions.lookup(&sid).ok_or(ApiError::Unauthenticated)?;
+    let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+    if via == AuthVia::Cookie && !safe {
+        let given = parts.headers.get(CSRF_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
+        if !ct_eq(given, session.csrf.as_bytes()) {
+            return Err(ApiError::Csrf);
+        }
+    }
+    Ok(Auth { session: hash, via, csrf_token: session.csrf, created_at: session.created, expires_at: session.expires })
 }

@@ -76,6 +76,16 @@ pub enum ApiError {
     /// A dependency (broker, updater) is unreachable or failed.
     #[error("{0}")]
     Unavailable(String),
+    /// The update worker runs another job (FAILED_PRECONDITION "busy: ...").
+    #[error("{0}")]
+    UpdaterBusy(String),
+    /// The update worker refused the command in its current state (nothing to cancel, the
+    /// other slot would not boot, cancelled meanwhile).
+    #[error("{0}")]
+    UpdateConflict(String),
+    /// The update worker tried and failed (update server unreachable, bad manifest, ...).
+    #[error("{0}")]
+    UpdateFailed(String),
     /// Anything else; details are in the log only.
     #[error("internal error")]
     Internal,
@@ -99,6 +109,9 @@ impl ApiError {
             ApiError::SetupRequired => (StatusCode::LOCKED, "setup_required"),
             ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::UpdaterBusy(_) => (StatusCode::CONFLICT, "busy"),
+            ApiError::UpdateConflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::UpdateFailed(_) => (StatusCode::BAD_GATEWAY, "update_failed"),
             ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -132,6 +145,41 @@ impl From<BackendError> for ApiError {
             BackendError::Internal(err) => {
                 tracing::error!(error = %ErrorChain(&*err), "persistence failed");
                 ApiError::Internal
+            }
+        }
+    }
+}
+
+/// A gRPC status from the update worker (a newtype, so a broker status cannot take this
+/// mapping by accident through `?`).
+#[derive(Debug)]
+pub struct UpdaterStatus(pub tonic::Status);
+
+/// The single mapping from the update worker's gRPC statuses to HTTP errors. Its messages
+/// carry no secrets (the worker never puts a device token in one), so they are passed on.
+impl From<UpdaterStatus> for ApiError {
+    fn from(UpdaterStatus(s): UpdaterStatus) -> ApiError {
+        use tonic::Code;
+        let msg = s.message().to_string();
+        match s.code() {
+            Code::FailedPrecondition if msg.starts_with("busy") => ApiError::UpdaterBusy(msg),
+            Code::FailedPrecondition | Code::Aborted | Code::Cancelled | Code::AlreadyExists => {
+                ApiError::UpdateConflict(msg)
+            }
+            Code::InvalidArgument | Code::OutOfRange => ApiError::BadRequest(msg),
+            Code::Unavailable | Code::DeadlineExceeded => {
+                tracing::warn!(code = ?s.code(), message = %msg, "updater unavailable");
+                ApiError::Unavailable(format!("the update worker is unavailable: {msg}"))
+            }
+            Code::PermissionDenied | Code::Unauthenticated | Code::Unimplemented => {
+                // A deployment fault (this worker's uid is not in the updater's table, or an
+                // older updater): nothing the client can fix.
+                tracing::error!(code = ?s.code(), message = %msg, "the updater refused the API worker");
+                ApiError::Unavailable("the update worker refused the API worker".into())
+            }
+            _ => {
+                tracing::warn!(code = ?s.code(), message = %msg, "update command failed");
+                ApiError::UpdateFailed(msg)
             }
         }
     }

@@ -1,11 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Events pushed to `GET /api/v1/events` subscribers (server-sent events).
+//! Events pushed to `GET /api/v1/events` subscribers (server-sent events): `lock`, `boot`,
+//! `update`.
 
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::backend::LockState;
 use crate::boot::BootStateView;
+use crate::updates::UpdateStatus;
 
 /// One event; the SSE `event:` field is its `type`.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -21,6 +23,13 @@ pub enum Event {
         /// The new boot state.
         boot: BootStateView,
     },
+    /// The update worker's status changed (phase, version, download progress, message),
+    /// from its WatchStatus stream; also sent once when the stream (re)connects with a status
+    /// that differs from the last one sent.
+    Update {
+        /// The new status.
+        update: UpdateStatus,
+    },
 }
 
 impl Event {
@@ -34,6 +43,7 @@ impl Event {
         match self {
             Event::Lock { .. } => "lock",
             Event::Boot { .. } => "boot",
+            Event::Update { .. } => "update",
         }
     }
 }

@@ -24,3 +24,4 @@ pub mod routes;
 pub mod setup;
 pub mod state;
 pub mod tls;
+pub mod updates;

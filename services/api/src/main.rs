@@ -48,6 +48,9 @@ struct Args {
     /// The broker's socket (boot state).
     #[arg(long, env = "PICCOLO_BROKER_SOCKET", default_value = piccolo_proto::paths::BROKER_SOCKET)]
     broker_socket: PathBuf,
+    /// The update worker's control socket (updates, update events).
+    #[arg(long, env = piccolo_proto::paths::UPDATER_SOCKET_ENV, default_value = piccolo_proto::paths::UPDATER_SOCKET)]
+    updater_socket: PathBuf,
     /// Mark the session cookie Secure on plain HTTP too (behind a TLS-terminating proxy);
     /// cookies answered on the HTTPS listeners are always Secure.
     #[arg(long)]
@@ -156,12 +159,15 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
         session_ttl: Duration::from_secs(args.session_ttl_secs),
         max_json_bytes: args.max_json_bytes,
         broker_socket: args.broker_socket.clone(),
+        updater_socket: args.updater_socket.clone(),
     };
     let state = AppState::new(backend, setup, limits, cfg);
     let (router, _doc) = piccolo_api::routes::router(state.clone());
     if args.boot_poll_secs > 0 {
         tokio::spawn(poll_boot(state.clone(), Duration::from_secs(args.boot_poll_secs)));
     }
+
+    tokio::spawn(piccolo_api::updates::Updater::new(&args.updater_socket).watch(state.events.clone()));
 
     let shutdown = tokio_util::sync::CancellationToken::new();
     let mut servers = tokio::task::JoinSet::new();

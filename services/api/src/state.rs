@@ -24,6 +24,8 @@ pub struct AppConfig {
     pub max_json_bytes: usize,
     /// The broker's socket (boot state).
     pub broker_socket: PathBuf,
+    /// The update worker's control socket (updates, `update` events).
+    pub updater_socket: PathBuf,
 }
 
 /// Shared by every handler.

@@ -7,12 +7,13 @@ mod auth;
 mod crypto;
 mod system;
 mod transfer;
+mod updates;
 
 use std::net::{IpAddr, SocketAddr};
 
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request};
+use axum::extract::{DefaultBodyLimit, FromRequest, OptionalFromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -37,6 +38,7 @@ use crate::state::SharedState;
         (name = "crypto", description = "Lock state of the control store"),
         (name = "transfer", description = "Export and import"),
         (name = "system", description = "Boot state and events"),
+        (name = "updates", description = "Updates through the update worker (admin; not gated on the lock state, so never 423)"),
     )
 )]
 struct ApiDoc;
@@ -81,6 +83,12 @@ pub fn router(state: SharedState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(transfer::setup_import))
         .routes(routes!(system::boot_state))
         .routes(routes!(system::events))
+        .routes(routes!(updates::status))
+        .routes(routes!(updates::check))
+        .routes(routes!(updates::apply))
+        .routes(routes!(updates::cancel))
+        .routes(routes!(updates::rollback))
+        .routes(routes!(updates::set_window))
         .split_for_parts();
     let doc = openapi.clone();
     let router = router
@@ -105,6 +113,23 @@ where
     async fn from_request(req: Request, state: &S) -> Result<ApiJson<T>, ApiError> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::PayloadTooLarge),
+            Err(r) => Err(ApiError::BadRequest(r.body_text())),
+        }
+    }
+}
+
+/// An optional JSON body: none without a `Content-Type` header, else as [`ApiJson`].
+impl<S, T> OptionalFromRequest<S> for ApiJson<T>
+where
+    Json<T>: OptionalFromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Option<ApiJson<T>>, ApiError> {
+        match <Json<T> as OptionalFromRequest<S>>::from_request(req, state).await {
+            Ok(v) => Ok(v.map(|Json(v)| ApiJson(v))),
             Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::PayloadTooLarge),
             Err(r) => Err(ApiError::BadRequest(r.body_text())),
         }

@@ -40,8 +40,8 @@ pub struct Ready {
 /// One server-sent event as it travels: `event` names it, `data` is the [`Event`] as JSON.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SseMessage {
-    /// `lock` or `boot`.
-    #[schema(pattern = "^(lock|boot)$")]
+    /// `lock`, `boot` or `update`.
+    #[schema(pattern = "^(lock|boot|update)$")]
     pub event: String,
     /// The Event, JSON-encoded.
     pub data: String,
@@ -83,8 +83,9 @@ pub async fn boot_state(State(state): State<SharedState>, _auth: Auth) -> Result
     Ok(json(StatusCode::OK, view))
 }
 
-/// Server-sent events: `lock` (lock state; sent first on connect) and `boot` (boot state
-/// changes). The stream ends after the event that ends the session (import, password change
+/// Server-sent events: `lock` (lock state; sent first on connect), `boot` (boot state
+/// changes, polled from the broker) and `update` (the update worker's status on every change:
+/// phase, version, `bytes_done`/`bytes_total` while downloading, message). The stream ends after the event that ends the session (import, password change
 /// or reset), or after `limit` events.
 #[utoipa::path(get, path = "/api/v1/events", tag = "system", security(("bearer" = []), ("cookie" = [])),
     responses(
