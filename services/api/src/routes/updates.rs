@@ -30,8 +30,11 @@ fn updater(state: &SharedState) -> Updater {
     Updater::new(&state.cfg.updater_socket)
 }
 
-fn force(body: Option<ApiJson<UpdateJobRequest>>) -> bool {
-    body.is_some_and(|ApiJson(b)| b.force)
+/// No body, a JSON `null` (the document allows both) or `{"force": ...}`.
+type JobBody = Option<ApiJson<Option<UpdateJobRequest>>>;
+
+fn force(body: JobBody) -> bool {
+    body.and_then(|ApiJson(b)| b).is_some_and(|b| b.force)
 }
 
 /// The update worker's status: phase, version, download progress, message, running version,
@@ -62,11 +65,7 @@ pub async fn status(State(state): State<SharedState>, _auth: AuthAnyLock) -> Res
         (status = 502, description = "`update_failed`: the check failed (update server unreachable, manifest rejected, ...)", body = ErrorBody),
         (status = 503, description = "The update worker is unreachable or refused this worker", body = ErrorBody),
     ))]
-pub async fn check(
-    State(state): State<SharedState>,
-    _auth: AuthAnyLock,
-    body: Option<ApiJson<UpdateJobRequest>>,
-) -> Result<Response, ApiError> {
+pub async fn check(State(state): State<SharedState>, _auth: AuthAnyLock, body: JobBody) -> Result<Response, ApiError> {
     Ok(json(StatusCode::OK, updater(&state).check(force(body)).await?))
 }
 
@@ -84,11 +83,7 @@ pub async fn check(
         (status = 502, description = "`update_failed`: the update worker failed the command", body = ErrorBody),
         (status = 503, description = "The update worker is unreachable or refused this worker", body = ErrorBody),
     ))]
-pub async fn apply(
-    State(state): State<SharedState>,
-    _auth: AuthAnyLock,
-    body: Option<ApiJson<UpdateJobRequest>>,
-) -> Result<Response, ApiError> {
+pub async fn apply(State(state): State<SharedState>, _auth: AuthAnyLock, body: JobBody) -> Result<Response, ApiError> {
     Ok(json(StatusCode::OK, updater(&state).apply(force(body)).await?))
 }
 
