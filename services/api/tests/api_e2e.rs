@@ -130,8 +130,14 @@ fn first_run_login_lock_unlock_export_import_unlock_with_the_exports_password() 
             transfer_round_trip(&api, &s, export, &recovery).await;
         } else {
             assert_eq!((export.status, export.error_code().as_str()), (500, "internal"), "{}", export.text());
+            // Persistence lists the volumes by `ciphertext/<id>` being a directory, which
+            // piccolo-api cannot see inside root's 0700 ciphertext/: "got 0 volumes"; or the
+            // read itself fails.
             let log = api.log();
-            assert!(log.contains("ciphertext") && log.contains("Permission denied"), "{log}");
+            assert!(
+                log.contains("need 1..=64 volumes, got 0") || log.contains("Permission denied"),
+                "export failed for another reason: {log}"
+            );
             assert_eq!(api.state().await, "unlocked", "a failed export must bring the volumes back");
             assert_eq!(api.get("/api/v1/auth/session", &[("authorization", &s.bearer())]).await.status, 200);
             assert_eq!(std::fs::read_to_string(marker(&api)).unwrap(), MARKER);
