@@ -35,6 +35,19 @@ fn files_containing(root: &Path, needle: &[u8], skip: &Path) -> Vec<PathBuf> {
     hits
 }
 
+fn regular_files(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for item in std::fs::read_dir(root).unwrap().flatten() {
+        let ft = item.file_type().unwrap();
+        if ft.is_dir() {
+            out.extend(regular_files(&item.path()));
+        } else {
+            out.push(item.path());
+        }
+    }
+    out
+}
+
 /// While locked: control is not mounted, its mountpoint is empty, and the marker written
 /// into it appears nowhere under the state dir (bootstrap stays mounted by design).
 fn assert_locked_invariant(api: &Api) {
@@ -141,8 +154,8 @@ fn first_run_login_lock_unlock_export_import_unlock_with_the_exports_password() 
             assert_eq!(api.state().await, "unlocked", "a failed export must bring the volumes back");
             assert_eq!(api.get("/api/v1/auth/session", &[("authorization", &s.bearer())]).await.status, 200);
             assert_eq!(std::fs::read_to_string(marker(&api)).unwrap(), MARKER);
-            let left = std::fs::read_dir(api.state_dir().join("exports")).unwrap().count();
-            assert_eq!(left, 0, "a failed export leaves no file");
+            let left = regular_files(&api.state_dir().join("exports"));
+            assert!(left.is_empty(), "a failed export leaves no file: {left:?}");
             eprintln!("KNOWN GAP: export as piccolo-api fails on root-only ciphertext/; full flow covered as root");
         }
     });
@@ -195,7 +208,7 @@ async fn transfer_round_trip(api: &Api, s: &Session, export: common::Resp, recov
     assert_eq!(export.header("content-length"), Some(export.body.len().to_string().as_str()));
     assert_eq!(&export.body[..13], b"manifest.json");
     assert_eq!(api.state().await, "unlocked", "the export resumed the volumes");
-    let left: Vec<_> = files_containing(&api.state_dir().join("exports"), b"manifest.json", Path::new("/none"));
+    let left = regular_files(&api.state_dir().join("exports"));
     assert!(left.is_empty(), "the streamed export must not stay on disk: {left:?}");
 
     // After the export: a new password and new data.
@@ -539,7 +552,7 @@ fn events_stream_lock_changes() {
         let addr = api.addr;
         let bearer = s.bearer();
         let reader = tokio::spawn(async move {
-            common::request(addr, None, "GET", "/api/v1/events?limit=2", &[("authorization", &bearer)], vec![]).await
+            common::request(addr, None, "GET", "/api/v1/events?limit=3", &[("authorization", &bearer)], vec![]).await
         });
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         let r = api.post_json("/api/v1/crypto/lock", &json!({}), &[("authorization", &s.bearer())]).await;
@@ -548,7 +561,8 @@ fn events_stream_lock_changes() {
         assert_eq!(events.header("content-type"), Some("text/event-stream"));
         let text = events.text();
         let first = text.find(r#"data: {"type":"lock","state":"unlocked"}"#).expect(&text);
-        let second = text.find(r#"data: {"type":"lock","state":"locked"}"#).expect(&text);
-        assert!(first < second, "{text}");
+        let second = text.find(r#"data: {"type":"lock","state":"locking"}"#).expect(&text);
+        let third = text.find(r#"data: {"type":"lock","state":"locked"}"#).expect(&text);
+        assert!(first < second && second < third, "{text}");
     });
 }
