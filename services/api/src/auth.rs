@@ -139,10 +139,8 @@ impl Sessions {
     /// none (first unlock, or a store without one). Call after every unlock and setup.
     pub async fn load_key(&self, store: &piccolo_store::Store) -> Result<(), ApiError> {
         let keys = store.read_signing_keys().await?;
-        let active = keys
-            .into_iter()
-            .rev()
-            .find(|k| k.retired.is_none() && k.algorithm == JWT_ALG && k.secret.len() >= 32);
+        let active =
+            keys.into_iter().rev().find(|k| k.retired.is_none() && k.algorithm == JWT_ALG && k.secret.len() >= 32);
         match active {
             Some(k) => {
                 self.set_key(TokenKey { id: k.key_id, secret: k.secret });
@@ -209,11 +207,10 @@ impl Sessions {
         let claims = Claims { iss: ISSUER.into(), sub: "admin".into(), sid: sid.to_string(), iat: now, exp: expires };
         let mut header = Header::new(Algorithm::HS256);
         header.kid = Some(key.id.clone());
-        let token = jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(&key.secret))
-            .map_err(|e| {
-                tracing::error!(error = %e, "signing a session token failed");
-                ApiError::Internal
-            })?;
+        let token = jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(&key.secret)).map_err(|e| {
+            tracing::error!(error = %e, "signing a session token failed");
+            ApiError::Internal
+        })?;
         let mut table = self.table();
         table.retain(|_, s| s.expires > now);
         while table.len() >= MAX_SESSIONS {

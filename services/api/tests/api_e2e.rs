@@ -235,9 +235,15 @@ async fn transfer_round_trip(api: &Api, s: &Session, export: common::Resp, recov
     assert_eq!(std::fs::read_to_string(marker(api)).unwrap(), "written after the export");
 
     // The real import: locked afterwards, every session ends, 423 for store endpoints.
-    let r =
-        common::request(api.addr, None, "POST", "/api/v1/import", &[("authorization", &s.bearer())], export.body.clone())
-            .await;
+    let r = common::request(
+        api.addr,
+        None,
+        "POST",
+        "/api/v1/import",
+        &[("authorization", &s.bearer())],
+        export.body.clone(),
+    )
+    .await;
     assert_eq!(r.status, 200, "{} / {}", r.text(), api.log());
     assert_eq!(r.json()["keyset_replaced"], true);
     assert_eq!(r.json()["state"], "locked");
@@ -269,11 +275,19 @@ fn tpm_auto_unlock_after_an_api_restart_until_pcr7_changes() {
         let st = api.get("/api/v1/crypto/status", &[]).await.json();
         assert_eq!((st["tpm_enrolled"].clone(), st["tpm_last_error"].clone()), (json!(false), json!(null)));
         let r = api
-            .post_json("/api/v1/crypto/tpm", &json!({"enabled": true, "password": "wrong"}), &[("authorization", &s.bearer())])
+            .post_json(
+                "/api/v1/crypto/tpm",
+                &json!({"enabled": true, "password": "wrong"}),
+                &[("authorization", &s.bearer())],
+            )
             .await;
         assert_eq!((r.status, r.error_code().as_str()), (401, "wrong_credentials"));
         let r = api
-            .post_json("/api/v1/crypto/tpm", &json!({"enabled": true, "password": PASSWORD}), &[("authorization", &s.bearer())])
+            .post_json(
+                "/api/v1/crypto/tpm",
+                &json!({"enabled": true, "password": PASSWORD}),
+                &[("authorization", &s.bearer())],
+            )
             .await;
         assert_eq!((r.status, r.json()["tpm_enrolled"].clone()), (200, json!(true)), "{} / {}", r.text(), api.log());
         std::fs::write(marker(&api), MARKER).unwrap();
@@ -300,11 +314,19 @@ fn tpm_auto_unlock_after_an_api_restart_until_pcr7_changes() {
         // Re-enrolling binds to today's PCR 7 and clears the error; disabling removes it.
         let s = api.login(PASSWORD).await;
         let r = api
-            .post_json("/api/v1/crypto/tpm", &json!({"enabled": true, "password": PASSWORD}), &[("authorization", &s.bearer())])
+            .post_json(
+                "/api/v1/crypto/tpm",
+                &json!({"enabled": true, "password": PASSWORD}),
+                &[("authorization", &s.bearer())],
+            )
             .await;
         assert_eq!((r.status, r.json()["tpm_last_error"].clone()), (200, json!(null)));
         let r = api
-            .post_json("/api/v1/crypto/tpm", &json!({"enabled": false, "password": PASSWORD}), &[("authorization", &s.bearer())])
+            .post_json(
+                "/api/v1/crypto/tpm",
+                &json!({"enabled": false, "password": PASSWORD}),
+                &[("authorization", &s.bearer())],
+            )
             .await;
         assert_eq!((r.status, r.json()["tpm_enrolled"].clone()), (200, json!(false)));
         api.restart();

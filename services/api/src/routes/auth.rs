@@ -276,8 +276,7 @@ pub async fn reset_password(
     let new = password("new_password", req.new_password, MIN_NEW_PASSWORD_CHARS)?;
     state.limiter.check(client.ip())?;
     // A typo is reported as such before it counts as a failed attempt.
-    piccolo_keyset::RecoveryKey::parse(&req.recovery_key)
-        .map_err(|e| ApiError::MistypedRecoveryKey(e.to_string()))?;
+    piccolo_keyset::RecoveryKey::parse(&req.recovery_key).map_err(|e| ApiError::MistypedRecoveryKey(e.to_string()))?;
     let typed = req.recovery_key;
     checked(&state, client, state.persistence.reset_password(typed.clone(), new)).await?;
     state.sessions.revoke_all_except(None);

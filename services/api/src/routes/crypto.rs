@@ -125,7 +125,9 @@ pub async fn unlock(
     let p = &state.persistence;
     match cred {
         Cred::Password(pw) => checked(&state, client, p.unlock_with_password(pw)).await?,
-        Cred::Recovery(rk) => checked(&state, client, p.unlock_with_recovery_key(rk.expose_secret().to_string())).await?,
+        Cred::Recovery(rk) => {
+            checked(&state, client, p.unlock_with_recovery_key(rk.expose_secret().to_string())).await?
+        }
     }
     state.sessions.load_key(&p.store()).await?;
     tracing::info!(client = %client.ip(), "control store unlocked");
@@ -171,7 +173,10 @@ pub async fn recovery_key(
     checked(&state, client, verify_password(&state.persistence, pw)).await?;
     let key = state.persistence.rotate_recovery_key().await?;
     tracing::info!(client = %client.ip(), "recovery key rotated");
-    Ok(json(StatusCode::OK, RecoveryKeyResponse { recovery_key: key.expose_secret().to_string(), state: state.lock_state() }))
+    Ok(json(
+        StatusCode::OK,
+        RecoveryKeyResponse { recovery_key: key.expose_secret().to_string(), state: state.lock_state() },
+    ))
 }
 
 /// Enables (seals the SDEK to PCR 7 through the broker's TPM service) or disables TPM
@@ -206,5 +211,8 @@ pub async fn tpm(
     }
     tracing::info!(client = %client.ip(), enabled = req.enabled, "TPM auto-unlock changed");
     let tpm_enrolled = state.persistence.read_tpm_enrolled().await?;
-    Ok(json(StatusCode::OK, CryptoStatus { state: state.lock_state(), tpm_enrolled, tpm_last_error: state.tpm_error() }))
+    Ok(json(
+        StatusCode::OK,
+        CryptoStatus { state: state.lock_state(), tpm_enrolled, tpm_last_error: state.tpm_error() },
+    ))
 }
