@@ -521,7 +521,17 @@ fn recovery_key_resets_the_password_and_rotation_shows_a_new_key_once() {
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(api.get("/api/v1/auth/session", &[("authorization", &s.bearer())]).await.status, 401);
         assert_eq!(api.post_json("/api/v1/auth/login", &json!({"password": PASSWORD}), &[]).await.status, 401);
-        api.login(NEW_PASSWORD).await;
+        let s = api.login(NEW_PASSWORD).await;
+        // While locked the reset also unlocks (the recovery key opens the key set).
+        let r = api.post_json("/api/v1/crypto/lock", &json!({}), &[("authorization", &s.bearer())]).await;
+        assert_eq!(r.status, 200);
+        let r = api
+            .post_json("/api/v1/auth/reset", &json!({"recovery_key": second, "new_password": "third password 3"}), &[])
+            .await;
+        assert_eq!((r.status, r.json()["state"].clone()), (200, json!("unlocked")), "{}", r.text());
+        assert!(mounted(&api.mountpoint("control")));
+        assert_eq!(api.post_json("/api/v1/auth/login", &json!({"password": NEW_PASSWORD}), &[]).await.status, 401);
+        api.login("third password 3").await;
     });
 }
 
