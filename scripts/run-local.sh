@@ -16,6 +16,12 @@ cargo build --workspace --bins
 
 mkdir -p "$state"/{run,log,etc}
 chmod 0755 "$state"
+# One state dir for the API and the broker's volumes, laid out like /var/lib/piccolo
+# (systemd/tmpfiles.d/piccolo.conf): the broker's ciphertext/ and mounts/, the API's
+# crypto/, volumes/, exports/.
+lib=$state/lib
+mkdir -p "$lib"/{crypto,volumes,exports}
+chmod 0755 "$lib"
 if [ "$(id -u)" -eq 0 ]; then
   # Real users and groups, as systemd-sysusers would create them.
   while read -r kind name rest; do
@@ -28,10 +34,12 @@ if [ "$(id -u)" -eq 0 ]; then
   socket_group=piccolo-broker; audit_group=piccolo-audit
   principals='users = ["root"]
 groups = ["piccolo-broker"]'
+  api_principal='users = ["piccolo-api"]'
   echo "run-local: running as root: the broker runs as root; each worker runs as its own system user."
 else
   socket_group=$(id -gn); audit_group=$(id -gn)
   principals="users = [\"$me\"]"
+  api_principal="users = [\"$me\"]"
   echo "run-local: WARNING: not root, so everything runs as $me and privilege separation is OFF."
   echo "run-local: privileged verbs (mounts, disks, TPM device) will fail; use root for the real thing."
 fi
@@ -46,6 +54,12 @@ version = 1
 rpcs = ["GetInfo", "WhoAmI", "GetBootState"]
 $principals
 reason = "development stack"
+
+[[rule]]
+rpcs = ["CreateVolume", "MountVolume", "UnmountVolume", "VolumeStatus"]
+$api_principal
+volumes = ["control", "bootstrap"]
+reason = "development stack: the API worker owns persistence (its control and bootstrap volumes)"
 POLICY
 cat > "$state/etc/broker-config.toml" <<CONFIG
 socket = "$state/run/broker.sock"
@@ -53,13 +67,18 @@ socket_group = "$socket_group"
 policy = "$state/etc/broker.toml"
 audit_log = "$state/log/audit.jsonl"
 audit_group = "$audit_group"
+
+[volumes]
+state_dir = "$lib"
 CONFIG
 
 target/debug/piccolo-broker --check-policy "$state/etc/broker.toml" >/dev/null
 pids=()
 cleanup() {
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  wait || true
+  # Reverse order: the API locks (unmounts control) before the broker stops.
+  for ((i=${#pids[@]}-1; i>=0; i--)); do kill -TERM "${pids[$i]}" 2>/dev/null || true; wait "${pids[$i]}" 2>/dev/null || true; done
+  # gocryptfs daemons outlive the broker by design (KillMode=process): detach what is left.
+  for m in "$lib"/mounts/*; do mountpoint -q "$m" 2>/dev/null && fusermount3 -uz "$m" || true; done
 }
 trap cleanup EXIT INT TERM
 target/debug/piccolo-broker --config "$state/etc/broker-config.toml" &
@@ -101,18 +120,21 @@ fi
 pids+=($!)
 for _ in $(seq 100); do [ -S "$state/run/updater/updater.sock" ] && break; sleep 0.1; done
 
-# The HTTP API worker on 127.0.0.1:8080, key set and control store under $state/api.
+# The HTTP API worker on 127.0.0.1:8080 on the shared state dir $lib (key set, volume
+# journals, exports; the control store inside the broker-mounted control volume).
 # Development KDF cost stays the production one; only the listen address differs.
-mkdir -p "$state/api" "$state/run/api"
-api=(target/debug/piccolo-api --listen 127.0.0.1:8080 --state-dir "$state/api" --runtime-dir "$state/run/api"
+mkdir -p "$state/run/api"
+api=(target/debug/piccolo-api --listen 127.0.0.1:8080 --state-dir "$lib" --runtime-dir "$state/run/api"
   --broker-socket "$state/run/broker.sock")
 api+=(--updater-socket "$state/run/updater/updater.sock")
 if [ "$(id -u)" -eq 0 ]; then
-  chown -R piccolo-api:piccolo-api "$state/api" "$state/run/api"
-  chmod 0700 "$state/api" "$state/run/api"
+  chown piccolo-api:piccolo-api "$lib"/{crypto,volumes,exports} "$state/run/api"
+  chmod 0700 "$lib"/{crypto,volumes,exports} "$state/run/api"
   u=$(id -u piccolo-api); g=$(id -g piccolo-api)
   setpriv --reuid="$u" --regid="$g" --init-groups --no-new-privs "${api[@]}" &
 else
+  echo "run-local: WARNING: not root: the broker cannot mount gocryptfs volumes, so first-run setup"
+  echo "run-local: and unlock answer 503 (the API serves, locked). Run as root for a usable stack."
   "${api[@]}" &
 fi
 pids+=($!)

@@ -677,6 +677,25 @@ impl Persistence {
         .await
     }
 
+    /// Sets a new password with the recovery key as typed (the admin forgot the password):
+    /// rewraps the SDEK under `new` without touching volume data. Works locked or unlocked
+    /// and leaves the lock state as it was. A typo is reported as mistyped.
+    pub async fn reset_password(&self, typed_recovery_key: String, new: Password) -> Result<()> {
+        let _m = self.inner.machine.lock().await;
+        if !self.is_set_up() {
+            return Err(Error::NotSetUp);
+        }
+        let dir = self.state_dir().to_path_buf();
+        blocking(move || {
+            let key = RecoveryKey::parse(&typed_recovery_key)?;
+            let mut ks = Keyset::read(&dir)?;
+            let sdek = ks.unlock_with_recovery_key(&key)?;
+            ks.change_password(&sdek, &new)?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Replaces the recovery key; returns the new one (show it once). Needs the unlocked state.
     pub async fn rotate_recovery_key(&self) -> Result<RecoveryKey> {
         let m = self.inner.machine.lock().await;

@@ -2,15 +2,20 @@
 //! Benchmark: authenticated `GET /api/v1/auth/session` (bearer JWT check + session lookup +
 //! lock gate + JSON) on the real `piccolo-api` binary, against a bare axum handler returning
 //! JSON of the same size, in the same run, same client, same runtime shape (2 worker
-//! threads, separate process). Also the API worker's RSS idle and under load.
+//! threads, separate process). Also the API worker's RSS idle and under load. The worker
+//! runs on the whole stack (a real broker with gocryptfs volumes, as `piccolo-api`), so the
+//! benchmark runs as root.
 //!
 //!   cargo bench -p piccolo-api --bench api_bench        (BENCH_SECS, BENCH_CONNS to tune)
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Empty};
+
+#[path = "../tests/common/mod.rs"]
+mod common;
 use hyper::body::Bytes;
 
 fn main() {
@@ -26,24 +31,8 @@ fn main() {
     let conns: usize = std::env::var("BENCH_CONNS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
 
-    let dir = tempfile::tempdir().unwrap();
-    let api_port = free_port();
-    let api = Proc(
-        Command::new(env!("CARGO_BIN_EXE_piccolo-api"))
-            .args(["--listen", &format!("127.0.0.1:{api_port}")])
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .arg("--runtime-dir")
-            .arg(dir.path().join("run"))
-            .arg("--broker-socket")
-            .arg(dir.path().join("none.sock"))
-            .args(["--kdf-memory-kib", "8192", "--kdf-passes", "1", "--boot-poll-secs", "0"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let api = common::Api::start(&["--boot-poll-secs", "0"]);
+    let api_addr = api.addr;
     let base_port = free_port();
     let baseline = Proc(
         Command::new(std::env::current_exe().unwrap())
@@ -51,29 +40,20 @@ fn main() {
             .spawn()
             .unwrap(),
     );
-    let api_addr: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
     let base_addr: SocketAddr = format!("127.0.0.1:{base_port}").parse().unwrap();
-    wait_port(api_addr);
     wait_port(base_addr);
 
     let token = rt.block_on(async {
-        let code = std::fs::read_to_string(dir.path().join("run/setup-code")).unwrap();
-        let body = format!(r#"{{"setup_code":"{}","password":"bench password"}}"#, code.trim());
-        let (st, _) = one(api_addr, "POST", "/api/v1/setup", None, body).await;
-        assert_eq!(st, 201);
-        let (st, b) =
-            one(api_addr, "POST", "/api/v1/auth/login", None, r#"{"password":"bench password"}"#.into()).await;
-        assert_eq!(st, 200);
-        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
-        v["token"].as_str().unwrap().to_string()
+        api.setup().await;
+        api.login(common::PASSWORD).await.token
     });
     std::thread::sleep(Duration::from_millis(500));
-    let idle = rss_kib(api.0.id());
+    let idle = rss_kib(api.pid());
 
     let bearer = format!("Bearer {token}");
     println!("load: {conns} keep-alive connections, {secs} s per target, sequential requests per connection");
     let (b_rps, b_p50, b_p99) = rt.block_on(load(base_addr, "/api/v1/auth/session", None, conns, secs));
-    let pid = api.0.id();
+    let pid = api.pid();
     let sampler = std::thread::spawn(move || {
         let mut peak = 0;
         let end = Instant::now() + Duration::from_secs(secs);
@@ -141,23 +121,6 @@ fn rss_kib(pid: u32) -> u64 {
 
 fn hwm_kib(pid: u32) -> u64 {
     proc_status_kib(pid, "VmHWM:")
-}
-
-async fn one(addr: SocketAddr, method: &str, path: &str, auth: Option<&str>, body: String) -> (u16, Vec<u8>) {
-    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s)).await.unwrap();
-    tokio::spawn(conn);
-    let mut req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "bench")
-        .header("content-type", "application/json");
-    if let Some(a) = auth {
-        req = req.header("authorization", a);
-    }
-    let resp = tx.send_request(req.body(http_body_util::Full::new(Bytes::from(body))).unwrap()).await.unwrap();
-    let st = resp.status().as_u16();
-    (st, resp.into_body().collect().await.unwrap().to_bytes().to_vec())
 }
 
 /// `conns` connections, each sending sequential GETs for `secs`; returns (req/s, p50 ms, p99 ms).

@@ -4,14 +4,17 @@
 //! A login creates one server-side session and hands it out twice: as the `piccolo_session`
 //! cookie (HttpOnly, SameSite=Strict, Secure when configured for TLS) for browsers, whose
 //! unsafe requests must also carry the session's CSRF token in `X-CSRF-Token`; and as a
-//! bearer JWT (HS256, `sid` claim) for API clients. A JWT is only accepted while its session
-//! exists, so logout and a password change revoke it at once; the signing key lives in the
-//! control store and is replaced on password change and reset (defence in depth).
+//! bearer JWT (HS256, `kid` header, `sid` claim) for API clients. A JWT is only accepted
+//! while its session exists, so logout and a password change revoke it at once.
 //!
-//! Sessions are held in memory only (bounded; oldest evicted), with session ids stored as
-//! SHA-256 hashes. A worker restart, an import, a password change and a reset end every
-//! session; a lock does not: while locked a valid session gets 423 until the store is
-//! unlocked again (the signing key stays in memory for that; the SDEK does not).
+//! The signing key lives in the control store (`auth_signing_keys`, inside the encrypted
+//! control volume) and is rotated on password change and reset: a new key is written, the
+//! old ones are marked retired, every session ends. A copy stays in memory while locked, so
+//! a valid session gets 423 (not 401) until the store is unlocked again.
+//!
+//! Sessions are held in memory only (bounded; oldest evicted; ids hashed), not in the
+//! store's sessions table: see ARCHITECTURE.md ("Sessions do not persist") for why. A worker
+//! restart, an import, a password change and a reset end every session; a lock does not.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError, RwLock};
@@ -27,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use crate::backend::{BackendError, LockState, Persistence};
+use crate::backend::{LockState, Persistence};
 use crate::error::ApiError;
 use crate::state::SharedState;
 
@@ -35,8 +38,10 @@ use crate::state::SharedState;
 pub const SESSION_COOKIE: &str = "piccolo_session";
 /// Header carrying the CSRF token.
 pub const CSRF_HEADER: &str = "x-csrf-token";
-/// Control-store key of the JWT signing key.
-const JWT_KEY: &str = "api.jwt_signing_key";
+/// Algorithm name recorded with the signing keys in the control store.
+const JWT_ALG: &str = "HS256";
+/// Actor recorded in the control store's revision journal.
+const ACTOR: &str = "piccolo-api";
 const ISSUER: &str = "piccolo-api";
 /// Most sessions held at once.
 const MAX_SESSIONS: usize = 256;
@@ -83,19 +88,30 @@ struct Claims {
 pub struct Sessions {
     ttl: Duration,
     table: Mutex<HashMap<[u8; 32], Session>>,
-    key: RwLock<Option<Zeroizing<Vec<u8>>>>,
+    key: RwLock<Option<TokenKey>>,
+}
+
+/// The signing key in use: its store id (`kid`) and secret.
+struct TokenKey {
+    id: String,
+    secret: Zeroizing<Vec<u8>>,
 }
 
 fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn random_token(bytes: usize) -> Result<String, ApiError> {
-    let mut b = Zeroizing::new(vec![0u8; bytes]);
+fn random_bytes(n: usize) -> Result<Vec<u8>, ApiError> {
+    let mut b = vec![0u8; n];
     getrandom::fill(&mut b).map_err(|e| {
         tracing::error!(error = %e, "OS random number generator failed");
         ApiError::Internal
     })?;
+    Ok(b)
+}
+
+fn random_token(bytes: usize) -> Result<String, ApiError> {
+    let b = Zeroizing::new(random_bytes(bytes)?);
     Ok(URL_SAFE_NO_PAD.encode(&b[..]))
 }
 
@@ -119,23 +135,39 @@ impl Sessions {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Loads the signing key from the store, creating one if absent. Call after unlock/setup.
-    pub fn load_key(&self, backend: &dyn Persistence) -> Result<(), BackendError> {
-        let key = match backend.store_get(JWT_KEY)? {
-            Some(k) if k.len() >= 32 => Zeroizing::new(k),
-            _ => return self.rotate_key(backend),
-        };
-        *self.key.write().unwrap_or_else(PoisonError::into_inner) = Some(key);
+    /// Loads the newest active signing key from the control store, creating one if there is
+    /// none (first unlock, or a store without one). Call after every unlock and setup.
+    pub async fn load_key(&self, store: &piccolo_store::Store) -> Result<(), ApiError> {
+        let keys = store.read_signing_keys().await?;
+        let active =
+            keys.into_iter().rev().find(|k| k.retired.is_none() && k.algorithm == JWT_ALG && k.secret.len() >= 32);
+        match active {
+            Some(k) => {
+                self.set_key(TokenKey { id: k.key_id, secret: k.secret });
+                Ok(())
+            }
+            None => self.rotate_key(store).await,
+        }
+    }
+
+    /// Writes a new signing key to the control store, retires every older one and uses it:
+    /// every JWT signed before stops verifying (on password change and reset).
+    pub async fn rotate_key(&self, store: &piccolo_store::Store) -> Result<(), ApiError> {
+        let secret = Zeroizing::new(random_bytes(32)?);
+        let id = hex::encode(random_bytes(8)?);
+        let old = store.read_signing_keys().await?;
+        store.write_signing_key(ACTOR, &id, JWT_ALG, secret.clone()).await?;
+        // A crash before the old keys are retired leaves two active keys; load_key takes the
+        // newest and the next rotation retires the rest.
+        for k in old.iter().filter(|k| k.retired.is_none()) {
+            store.write_signing_key_retired(ACTOR, &k.key_id).await?;
+        }
+        self.set_key(TokenKey { id, secret });
         Ok(())
     }
 
-    /// Replaces the signing key in the store and in memory (every JWT signed before dies).
-    pub fn rotate_key(&self, backend: &dyn Persistence) -> Result<(), BackendError> {
-        let mut k = Zeroizing::new(vec![0u8; 32]);
-        getrandom::fill(&mut k).map_err(|e| BackendError::Internal(Box::new(std::io::Error::other(e.to_string()))))?;
-        backend.store_put(JWT_KEY, &k)?;
-        *self.key.write().unwrap_or_else(PoisonError::into_inner) = Some(k);
-        Ok(())
+    fn set_key(&self, key: TokenKey) {
+        *self.key.write().unwrap_or_else(PoisonError::into_inner) = Some(key);
     }
 
     /// Ends every session and forgets the key (on import and reset).
@@ -173,11 +205,12 @@ impl Sessions {
         let now = now_unix();
         let expires = now + self.ttl.as_secs();
         let claims = Claims { iss: ISSUER.into(), sub: "admin".into(), sid: sid.to_string(), iat: now, exp: expires };
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(key))
-            .map_err(|e| {
-                tracing::error!(error = %e, "signing a session token failed");
-                ApiError::Internal
-            })?;
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some(key.id.clone());
+        let token = jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(&key.secret)).map_err(|e| {
+            tracing::error!(error = %e, "signing a session token failed");
+            ApiError::Internal
+        })?;
         let mut table = self.table();
         table.retain(|_, s| s.expires > now);
         while table.len() >= MAX_SESSIONS {
@@ -194,7 +227,7 @@ impl Sessions {
         let mut v = Validation::new(Algorithm::HS256);
         v.set_issuer(&[ISSUER]);
         v.leeway = 0;
-        jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(key), &v).ok().map(|d| d.claims.sid)
+        jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(&key.secret), &v).ok().map(|d| d.claims.sid)
     }
 
     fn lookup(&self, sid: &str) -> Option<([u8; 32], Session)> {
@@ -249,12 +282,13 @@ fn cookie_value<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
     })
 }
 
-/// 423 unless the store is unlocked (the first check of every store-backed endpoint).
-pub fn require_unlocked(backend: &dyn Persistence) -> Result<(), ApiError> {
-    match backend.lock_state() {
+/// 423 unless the store is unlocked (the first check of every store-backed endpoint):
+/// `setup_required` before setup, `locked` in every other state (locked, or a transition).
+pub fn require_unlocked(p: &Persistence) -> Result<(), ApiError> {
+    match crate::backend::lock_state(p) {
         LockState::Unlocked => Ok(()),
-        LockState::Locked => Err(ApiError::Locked),
         LockState::Uninitialised => Err(ApiError::SetupRequired),
+        _ => Err(ApiError::Locked),
     }
 }
 
@@ -266,7 +300,7 @@ impl FromRequestParts<SharedState> for Auth {
         // 403; a valid session while the store is locked 423 (sessions survive a lock, so the
         // client unlocks and carries on).
         let auth = authenticate(parts, state)?;
-        require_unlocked(state.backend.as_ref())?;
+        require_unlocked(&state.persistence)?;
         Ok(auth)
     }
 }

@@ -10,8 +10,6 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::backend::BackendError;
-
 /// The body of every error response.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
@@ -86,6 +84,12 @@ pub enum ApiError {
     /// The update worker tried and failed (update server unreachable, bad manifest, ...).
     #[error("{0}")]
     UpdateFailed(String),
+    /// This node is a follower: the control store is read-only here.
+    #[error("this node is not the leader: the control store is read-only")]
+    NotLeader,
+    /// Another lock-state transition (unlock, lock, export, import) is in progress.
+    #[error("{0}; retry when it has finished")]
+    Busy(String),
     /// Anything else; details are in the log only.
     #[error("internal error")]
     Internal,
@@ -112,6 +116,8 @@ impl ApiError {
             ApiError::UpdaterBusy(_) => (StatusCode::CONFLICT, "busy"),
             ApiError::UpdateConflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::UpdateFailed(_) => (StatusCode::BAD_GATEWAY, "update_failed"),
+            ApiError::NotLeader => (StatusCode::SERVICE_UNAVAILABLE, "not_leader"),
+            ApiError::Busy(_) => (StatusCode::CONFLICT, "busy"),
             ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -132,18 +138,69 @@ impl IntoResponse for ApiError {
 }
 
 /// The single mapping from persistence errors to HTTP errors.
-impl From<BackendError> for ApiError {
-    fn from(e: BackendError) -> ApiError {
+impl From<piccolo_persistence::Error> for ApiError {
+    fn from(e: piccolo_persistence::Error) -> ApiError {
+        use piccolo_persistence::Error as E;
         match e {
-            BackendError::NotInitialised => ApiError::SetupRequired,
-            BackendError::AlreadyInitialised => ApiError::AlreadyInitialised,
-            BackendError::Locked => ApiError::Locked,
-            BackendError::WrongPassword => ApiError::WrongCredentials("wrong password"),
-            BackendError::WrongRecoveryKey => ApiError::WrongCredentials("wrong recovery key"),
-            BackendError::InvalidInput(m) => ApiError::BadRequest(m),
-            BackendError::ImportRejected(m) => ApiError::ImportRejected(m),
-            BackendError::Internal(err) => {
-                tracing::error!(error = %ErrorChain(&*err), "persistence failed");
+            E::Locked => ApiError::Locked,
+            E::NotLocked { state } => ApiError::Busy(format!("the control store is {state}")),
+            E::AlreadySetUp => ApiError::AlreadyInitialised,
+            E::NotSetUp => ApiError::SetupRequired,
+            E::Keyset(k) => ApiError::from(k),
+            E::Store(s) => ApiError::from(s),
+            e @ (E::Volume { .. } | E::Tpm { .. } | E::TpmUnavailable) => {
+                tracing::error!(error = %ErrorChain(&e), "broker call failed");
+                // The top-level message names the step and the volume, never a key.
+                ApiError::Unavailable(e.to_string())
+            }
+            other => {
+                tracing::error!(error = %ErrorChain(&other), "persistence failed");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+/// Key-set errors (wrong credentials, weak passwords, rejected archives).
+impl From<piccolo_keyset::Error> for ApiError {
+    fn from(e: piccolo_keyset::Error) -> ApiError {
+        use piccolo_keyset::Error as K;
+        match e {
+            K::WrongPassword => ApiError::WrongCredentials("wrong password"),
+            K::WrongRecoveryKey => ApiError::WrongCredentials("wrong recovery key"),
+            e @ K::RecoveryKeyMistyped { .. } => ApiError::MistypedRecoveryKey(e.to_string()),
+            K::KeysetExists { .. } => ApiError::AlreadyInitialised,
+            e @ (K::PasswordTooShort { .. } | K::PasswordTooLong { .. }) => ApiError::BadRequest(e.to_string()),
+            e @ (K::ReadArchive { .. }
+            | K::ArchiveRejected { .. }
+            | K::UnsupportedArchiveVersion { .. }
+            | K::PathRejected { .. }
+            | K::EntryTypeRejected { .. }
+            | K::DigestMismatch { .. }
+            | K::ChecksumMismatch
+            | K::LimitExceeded { .. }
+            | K::KeysetMismatch
+            | K::VolumeMounted { .. }
+            | K::UnsupportedKeysetVersion { .. }
+            | K::ParseKeyset { .. }
+            | K::InvalidKeyset { .. }
+            | K::KdfParamsOutOfRange { .. }) => ApiError::ImportRejected(e.to_string()),
+            other => {
+                tracing::error!(error = %ErrorChain(&other), "key set operation failed");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+/// Control-store errors: `Locked` is 423, `NotLeader` 503 `not_leader`.
+impl From<piccolo_store::Error> for ApiError {
+    fn from(e: piccolo_store::Error) -> ApiError {
+        match e {
+            piccolo_store::Error::Locked => ApiError::Locked,
+            piccolo_store::Error::NotLeader => ApiError::NotLeader,
+            other => {
+                tracing::error!(error = %ErrorChain(&other), "control store failed");
                 ApiError::Internal
             }
         }

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-//! `piccolo-api` entry point: parse flags, open the key set, publish the setup code on a
-//! fresh box, take the listening sockets, serve until SIGTERM.
+//! `piccolo-api` entry point: parse flags, build the persistence state machine over the
+//! broker, reconcile and try TPM auto-unlock, publish the setup code on a fresh box, take the
+//! listening sockets, serve until SIGTERM (then lock).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use piccolo_api::backend::keyset::KeysetBackend;
 use piccolo_api::backend::{LockState, Persistence};
 use piccolo_api::error::ErrorChain;
 use piccolo_api::events::Event;
@@ -18,6 +18,7 @@ use piccolo_api::setup::SetupCode;
 use piccolo_api::state::{AppConfig, AppState, SharedState};
 use piccolo_api::tls::{CertSource, Tls};
 use piccolo_keyset::KdfParams;
+use piccolo_persistence::Config;
 
 /// piccolo's HTTP API worker.
 #[derive(Debug, Parser)]
@@ -38,14 +39,15 @@ struct Args {
     /// PEM private key for HTTPS (with --tls-cert); refused if every user may read it.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// State directory (key set, ciphertext, exports).
+    /// State directory, shared with the broker's volumes (`[volumes] state_dir`): the API
+    /// writes `crypto/`, `volumes/`, `exports/`; the broker owns `ciphertext/` and `mounts/`.
     #[arg(long, env = "PICCOLO_STATE_DIR", default_value = "/var/lib/piccolo")]
     state_dir: PathBuf,
     /// Where the first-run setup code file is written (mode 0600). systemd's
     /// RuntimeDirectory= sets RUNTIME_DIRECTORY.
     #[arg(long, env = "RUNTIME_DIRECTORY", default_value = "/run/piccolo-api")]
     runtime_dir: PathBuf,
-    /// The broker's socket (boot state).
+    /// The broker's socket (volumes, TPM sealing, boot state).
     #[arg(long, env = "PICCOLO_BROKER_SOCKET", default_value = piccolo_proto::paths::BROKER_SOCKET)]
     broker_socket: PathBuf,
     /// The update worker's control socket (updates, update events).
@@ -77,6 +79,15 @@ struct Args {
     /// Seconds between boot-state polls for the event stream (0: never).
     #[arg(long, default_value_t = 10)]
     boot_poll_secs: u64,
+    /// Seconds between volume reconciliations (dead gocryptfs, stray mounts).
+    #[arg(long, default_value_t = 30)]
+    reconcile_secs: u64,
+    /// Seconds between control-store maintenance runs (quick_check, WAL checkpoint).
+    #[arg(long, default_value_t = 3600)]
+    maintenance_secs: u64,
+    /// Do not try TPM auto-unlock (nor offer enrolment): no TPM on this box.
+    #[arg(long)]
+    no_tpm: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -106,10 +117,17 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let params = KdfParams { m_cost_kib: args.kdf_memory_kib, t_cost: args.kdf_passes, p_cost: 1 };
-    let backend: Arc<dyn Persistence> = Arc::new(KeysetBackend::new(&args.state_dir, params)?);
+    let kdf = KdfParams { m_cost_kib: args.kdf_memory_kib, t_cost: args.kdf_passes, p_cost: 1 };
+    kdf.validate()?;
+    let broker = piccolo_api::backend::broker(&args.broker_socket)?;
+    let sealer: Option<Arc<dyn piccolo_persistence::SealBackend>> =
+        if args.no_tpm { None } else { Some(broker.clone()) };
+    let mut config = Config::new(&args.state_dir);
+    config.kdf = kdf;
+    let persistence = Persistence::new(config, broker, sealer).await?;
+    let startup = piccolo_api::backend::start(&persistence).await;
     // The code file exists before the socket is bound, so whoever can connect can find it.
-    let (setup, code) = if backend.lock_state() == LockState::Uninitialised {
+    let (setup, code) = if piccolo_api::backend::lock_state(&persistence) == LockState::Uninitialised {
         let (setup, code) = SetupCode::generate(&args.runtime_dir)?;
         (setup, Some(code))
     } else {
@@ -161,7 +179,17 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
         broker_socket: args.broker_socket.clone(),
         updater_socket: args.updater_socket.clone(),
     };
-    let state = AppState::new(backend, setup, limits, cfg);
+    let state = AppState::new(persistence.clone(), setup, limits, cfg);
+    state.set_tpm_error(startup.tpm_error);
+    if startup.tpm_unlocked {
+        if let Err(e) = state.sessions.load_key(&persistence.store()).await {
+            tracing::error!(error = %e, "loading the token key after TPM unlock failed");
+        }
+        tracing::info!("unlocked with the TPM (PCR 7 unchanged)");
+    }
+    piccolo_api::backend::spawn_lock_events(state.clone());
+    let _reconciler = persistence.spawn_reconciler(Duration::from_secs(args.reconcile_secs.max(1)));
+    let _maintenance = persistence.store().spawn_maintenance(Duration::from_secs(args.maintenance_secs.max(1)));
     let (router, _doc) = piccolo_api::routes::router(state.clone());
     if args.boot_poll_secs > 0 {
         tokio::spawn(poll_boot(state.clone(), Duration::from_secs(args.boot_poll_secs)));
@@ -201,6 +229,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
     shutdown.cancel();
     // SSE streams never end by themselves: give in-flight requests 5 s, then exit.
     let _ = tokio::time::timeout(Duration::from_secs(5), async { while servers.join_next().await.is_some() {} }).await;
+    // Leave nothing mounted behind: close the store, unmount control and app volumes.
+    if let Err(e) = persistence.lock().await {
+        tracing::error!(error = %ErrorChain(&e), "locking at shutdown failed");
+    }
     Ok(())
 }
 
@@ -222,7 +254,7 @@ async fn poll_boot(state: SharedState, every: Duration) {
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        if state.events.receiver_count() == 0 || state.backend.lock_state() != LockState::Unlocked {
+        if state.events.receiver_count() == 0 || state.lock_state() != LockState::Unlocked {
             continue;
         }
         if let Ok(view) = piccolo_api::boot::fetch(&state.cfg.broker_socket).await

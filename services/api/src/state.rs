@@ -2,13 +2,13 @@
 //! The state every handler shares.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::broadcast;
 
 use crate::auth::Sessions;
-use crate::backend::Persistence;
+use crate::backend::{LockState, Persistence};
 use crate::events::Event;
 use crate::ratelimit::{LimitConfig, Limiter};
 use crate::setup::SetupCode;
@@ -30,8 +30,8 @@ pub struct AppConfig {
 
 /// Shared by every handler.
 pub struct AppState {
-    /// Key set, control store, lock state.
-    pub backend: Arc<dyn Persistence>,
+    /// Key set, volumes, control store, lock state (`crates/persistence`).
+    pub persistence: Persistence,
     /// Session table and token key.
     pub sessions: Sessions,
     /// Attempt limits on credential checks.
@@ -42,6 +42,8 @@ pub struct AppState {
     pub events: broadcast::Sender<Event>,
     /// Settings.
     pub cfg: AppConfig,
+    /// Why the last TPM auto-unlock failed (crypto status shows it).
+    pub tpm_error: Mutex<Option<String>>,
 }
 
 /// What handlers receive.
@@ -49,16 +51,32 @@ pub type SharedState = Arc<AppState>;
 
 impl AppState {
     /// Builds the state.
-    pub fn new(backend: Arc<dyn Persistence>, setup: SetupCode, limits: LimitConfig, cfg: AppConfig) -> SharedState {
+    pub fn new(persistence: Persistence, setup: SetupCode, limits: LimitConfig, cfg: AppConfig) -> SharedState {
         let (events, _) = broadcast::channel(64);
         Arc::new(AppState {
-            backend,
+            persistence,
             sessions: Sessions::new(cfg.session_ttl),
             limiter: Limiter::new(limits),
             setup,
             events,
             cfg,
+            tpm_error: Mutex::new(None),
         })
+    }
+
+    /// The lock state as the API reports it.
+    pub fn lock_state(&self) -> LockState {
+        crate::backend::lock_state(&self.persistence)
+    }
+
+    /// Records (or clears) why TPM auto-unlock failed.
+    pub fn set_tpm_error(&self, e: Option<String>) {
+        *self.tpm_error.lock().unwrap_or_else(PoisonError::into_inner) = e;
+    }
+
+    /// Why TPM auto-unlock last failed, if it did.
+    pub fn tpm_error(&self) -> Option<String> {
+        self.tpm_error.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Publishes an event to every SSE subscriber (none listening is fine).

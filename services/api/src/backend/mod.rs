@@ -1,53 +1,84 @@
 // SPDX-License-Identifier: Apache-2.0
-//! What the HTTP layer needs from persistence, as one narrow trait.
+//! The HTTP layer's view of `crates/persistence`: the one [`Persistence`] state machine (key
+//! set, gocryptfs volumes through the broker, SQLite control store), the lock state as the API
+//! reports it, the broker connection, and the start-up sequence.
 //!
-//! The API worker is the single owner of the key set, the control store and the lock state.
-//! [`Persistence`] is everything the handlers ask of that state; [`keyset::KeysetBackend`]
-//! implements it over `crates/keyset` directly (and an interim encrypted key-value file, see
-//! its docs) until `crates/persistence` (volumes over the broker, SQLite store) lands, which
-//! will implement the same trait. Every method blocks (Argon2id, fsync, archive streaming):
-//! call them from `spawn_blocking`.
+//! The API worker is the single owner of the key set, the control store and the lock state;
+//! handlers call [`Persistence`] directly (it is async and serialises its transitions) and
+//! the control store through [`Persistence::store`], which answers `Locked` while locked.
 
-pub mod keyset;
-mod store;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
-use std::io::{Read, Write};
-
-use piccolo_keyset::{Password, RecoveryKey};
+use hyper_util::rt::TokioIo;
+use piccolo_keyset::ImportReport;
+pub use piccolo_persistence::{GrpcBroker, Persistence};
 use serde::Serialize;
+use tonic::transport::{Endpoint, Uri};
 use utoipa::ToSchema;
 
-/// Lock state of the control store.
+/// Lock state of the control store, as the API reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LockState {
     /// No key set yet: first-run setup is pending.
     Uninitialised,
-    /// Key set present, SDEK not in memory: the control store is sealed.
+    /// Key set present, no key in memory: the control store is closed, volumes unmounted.
     Locked,
-    /// SDEK in memory: the control store is open.
+    /// An unlock (or setup) is in progress.
+    Unlocking,
+    /// Keys in memory, volumes mounted, the control store open.
     Unlocked,
+    /// A lock is in progress.
+    Locking,
+    /// Volumes are quiesced for an export (store-backed endpoints answer 423 meanwhile).
+    Exporting,
+    /// An import is in progress.
+    Importing,
+}
+
+/// The API's lock state of `p`: the state machine's, plus `uninitialised` before setup.
+pub fn lock_state(p: &Persistence) -> LockState {
+    use piccolo_persistence::LockState as S;
+    match p.state() {
+        S::Unlocked => LockState::Unlocked,
+        S::Locked if !p.is_set_up() => LockState::Uninitialised,
+        S::Locked => LockState::Locked,
+        S::Unlocking => LockState::Unlocking,
+        S::Locking => LockState::Locking,
+        S::Exporting => LockState::Exporting,
+        S::Importing => LockState::Importing,
+    }
 }
 
 /// Which export archive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ExportKind {
-    /// Every volume's ciphertext, without the key set (restores onto this key set only).
+    /// The control volume's ciphertext, without the key set (restores onto this key set only).
     Control,
-    /// Ciphertext plus the sealed key set (restores on new hardware with the export's password).
+    /// Every volume's ciphertext plus the sealed key set (restores on new hardware with the
+    /// export's password or recovery key).
     Full,
 }
 
-/// What an export wrote.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct ExportInfo {
-    /// Volumes in the archive.
-    pub volumes: Vec<String>,
-    /// Archive length in bytes.
-    pub archive_bytes: u64,
-    /// SHA-256 (hex) recorded in the archive trailer.
-    pub archive_sha256: String,
+impl From<ExportKind> for piccolo_keyset::ExportKind {
+    fn from(k: ExportKind) -> piccolo_keyset::ExportKind {
+        match k {
+            ExportKind::Control => piccolo_keyset::ExportKind::Control,
+            ExportKind::Full => piccolo_keyset::ExportKind::Full,
+        }
+    }
+}
+
+impl From<piccolo_keyset::ExportKind> for ExportKind {
+    fn from(k: piccolo_keyset::ExportKind) -> ExportKind {
+        match k {
+            piccolo_keyset::ExportKind::Control => ExportKind::Control,
+            piccolo_keyset::ExportKind::Full => ExportKind::Full,
+        }
+    }
 }
 
 /// What an import replaced.
@@ -63,70 +94,101 @@ pub struct ImportInfo {
     pub keyset_replaced: bool,
     /// Live volumes whose key is gone after a full import.
     pub orphaned_volumes: Vec<String>,
+    /// Lock state afterwards (always locked: unlock with the export's password).
+    pub state: LockState,
 }
 
-/// Why a persistence call failed. Messages carry no secret.
-#[derive(Debug, thiserror::Error)]
-pub enum BackendError {
-    /// No key set yet.
-    #[error("not initialised")]
-    NotInitialised,
-    /// Setup ran twice.
-    #[error("already initialised")]
-    AlreadyInitialised,
-    /// The call needs the unlocked store.
-    #[error("locked")]
-    Locked,
-    /// The password did not open the key set.
-    #[error("wrong password")]
-    WrongPassword,
-    /// The recovery key is well formed but does not open the key set.
-    #[error("wrong recovery key")]
-    WrongRecoveryKey,
-    /// Input refused before any work (weak password, mistyped recovery key, ...).
-    #[error("{0}")]
-    InvalidInput(String),
-    /// An import archive failed validation; nothing was changed.
-    #[error("{0}")]
-    ImportRejected(String),
-    /// Anything else (I/O, corrupt key set, ...): logged, answered as 500.
-    #[error("internal persistence error")]
-    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+impl ImportInfo {
+    /// The report of `piccolo_keyset::import`, with the state afterwards.
+    pub fn new(r: ImportReport, state: LockState) -> ImportInfo {
+        ImportInfo {
+            kind: r.kind.into(),
+            volumes: r.volumes,
+            created: r.created,
+            keyset_replaced: r.keyset_replaced,
+            orphaned_volumes: r.orphaned_volumes,
+            state,
+        }
+    }
 }
 
-/// Result alias.
-pub type BackendResult<T> = Result<T, BackendError>;
+/// A broker client over `socket` that connects on first use and reconnects after a broker
+/// restart, so the worker starts (and answers 503 for volume operations) while the broker
+/// is down, and needs no restart when it comes back.
+pub fn broker(socket: &Path) -> Result<Arc<GrpcBroker>, tonic::transport::Error> {
+    let path: PathBuf = socket.to_path_buf();
+    // The URI is required by the API but unused: the connector ignores it.
+    let channel = Endpoint::from_static("http://broker.invalid")
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+            let p = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
+        }));
+    Ok(Arc::new(GrpcBroker::from_channel(channel)))
+}
 
-/// The persistence operations the HTTP API needs. Implementations serialise state changes
-/// internally; `lock_state` must not block behind a running key derivation.
-pub trait Persistence: Send + Sync + 'static {
-    /// Current lock state (cheap, never blocks on a derivation).
-    fn lock_state(&self) -> LockState;
-    /// First run: creates the key set under `password`, leaves the store unlocked and returns
-    /// the recovery key (to be shown once).
-    fn initialise(&self, password: &Password) -> BackendResult<RecoveryKey>;
-    /// Checks the admin password without changing the lock state.
-    fn verify_password(&self, password: &Password) -> BackendResult<()>;
-    /// Unlocks the store with the admin password.
-    fn unlock_with_password(&self, password: &Password) -> BackendResult<()>;
-    /// Unlocks the store with the recovery key.
-    fn unlock_with_recovery_key(&self, key: &RecoveryKey) -> BackendResult<()>;
-    /// Seals the store (drops the SDEK). Idempotent.
-    fn lock(&self) -> BackendResult<()>;
-    /// Rewraps the key set under `new` after checking `current`; atomic (old or new works).
-    fn change_password(&self, current: &Password, new: &Password) -> BackendResult<()>;
-    /// Replaces the recovery key after checking `password`; returns the new one (shown once).
-    fn rotate_recovery_key(&self, password: &Password) -> BackendResult<RecoveryKey>;
-    /// Sets a new password with the recovery key; leaves the store unlocked.
-    fn reset_password(&self, key: &RecoveryKey, new: &Password) -> BackendResult<()>;
-    /// Streams an export archive into `out` (store must be unlocked).
-    fn export(&self, kind: ExportKind, out: &mut dyn Write) -> BackendResult<ExportInfo>;
-    /// Validates the whole archive from `input`, then replaces the state; on success the store
-    /// is locked (unlock with the export's password). On failure nothing changed, lock state
-    /// included.
-    fn import(&self, input: &mut dyn Read) -> BackendResult<ImportInfo>;
-    /// Reads a value from the control store (`Locked` while locked).
-    fn store_get(&self, key: &str) -> BackendResult<Option<Vec<u8>>>;
-    /// Writes a value to the control store durably (`Locked` while locked).
-    fn store_put(&self, key: &str, value: &[u8]) -> BackendResult<()>;
+/// What the start-up sequence found.
+#[derive(Debug, Default)]
+pub struct Startup {
+    /// TPM auto-unlock succeeded.
+    pub tpm_unlocked: bool,
+    /// Why TPM auto-unlock failed (e.g. "TPM unlock failed: PCR 7 changed").
+    pub tpm_error: Option<String>,
+}
+
+/// Start-up: reconcile the volume journals with the broker (unmounts whatever a crash left
+/// mounted), then try TPM auto-unlock. Failures are reported, never fatal: the worker serves
+/// locked and the admin unlocks with the password.
+pub async fn start(p: &Persistence) -> Startup {
+    if let Err(e) = p.reconcile().await {
+        tracing::error!(error = %piccolo_store::error_chain(&e), "start-up reconciliation failed");
+    }
+    match p.auto_unlock().await {
+        Ok(unlocked) => Startup { tpm_unlocked: unlocked, tpm_error: None },
+        Err(e) => {
+            let msg = e.to_string();
+            tracing::warn!(error = %piccolo_store::error_chain(&e), "TPM auto-unlock failed; staying locked");
+            Startup { tpm_unlocked: false, tpm_error: Some(msg) }
+        }
+    }
+}
+
+/// Forwards every lock-state transition of the state machine to the SSE fan-out as a `lock`
+/// event. Transitions come from the machine's event channel (so none is coalesced away, and
+/// one started anywhere, e.g. by the reconciler or TPM auto-unlock, is seen) and from its
+/// state watch (which also sees the silent return to `unlocked` after an export).
+/// Consecutive duplicates are dropped.
+pub fn spawn_lock_events(state: crate::state::SharedState) -> tokio::task::JoinHandle<()> {
+    use piccolo_persistence::Event as P;
+    use tokio::sync::broadcast::error::RecvError;
+    let mut rx = state.persistence.subscribe();
+    let mut watch = state.persistence.watch_state();
+    tokio::spawn(async move {
+        let mut last = state.lock_state();
+        loop {
+            let view = tokio::select! {
+                // Events first: the watch only reports what no event announced.
+                biased;
+                ev = rx.recv() => match ev {
+                    Ok(P::Unlocking { .. }) => LockState::Unlocking,
+                    Ok(P::Unlocked { .. }) => LockState::Unlocked,
+                    Ok(P::Locking) => LockState::Locking,
+                    Ok(P::ExportStarted { .. }) => LockState::Exporting,
+                    Ok(P::Locked { .. }) => state.lock_state(),
+                    Ok(_) => continue,
+                    // Missed events: report where the machine is now.
+                    Err(RecvError::Lagged(_)) => state.lock_state(),
+                    Err(RecvError::Closed) => return,
+                },
+                changed = watch.changed() => match changed {
+                    Ok(()) => state.lock_state(),
+                    Err(_) => return,
+                },
+            };
+            if view != last {
+                last = view;
+                state.publish(crate::events::Event::lock(view));
+            }
+        }
+    })
 }

@@ -6,15 +6,14 @@ use std::net::SocketAddr;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use piccolo_keyset::{MIN_NEW_PASSWORD_CHARS, RecoveryKey};
+use piccolo_keyset::MIN_NEW_PASSWORD_CHARS;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ApiJson, checked, json, password};
+use super::{ApiJson, checked, json, password, verify_password};
 use crate::auth::{Auth, AuthVia, Issued, clear_cookie, session_cookie};
 use crate::backend::LockState;
 use crate::error::{ApiError, ErrorBody};
-use crate::events::Event;
 use crate::state::SharedState;
 
 /// First-run setup.
@@ -127,10 +126,11 @@ fn bounded(field: &str, v: &str, min: usize, max: usize) -> Result<(), ApiError>
         (status = 201, description = "Key set created and unlocked; log in next", body = RecoveryKeyResponse),
         (status = 400, description = "Malformed request", body = ErrorBody),
         (status = 401, description = "Wrong setup code", body = ErrorBody),
-        (status = 409, description = "Already initialised", body = ErrorBody),
+        (status = 409, description = "Already initialised, or another transition is running", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 429, description = "Too many attempts", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
         (status = 500, description = "Internal error", body = ErrorBody),
+        (status = 503, description = "The broker is unreachable or refused a volume operation; still locked", body = ErrorBody),
     ))]
 pub async fn setup(
     State(state): State<SharedState>,
@@ -139,7 +139,7 @@ pub async fn setup(
 ) -> Result<Response, ApiError> {
     bounded("setup_code", &req.setup_code, 1, 64)?;
     let pw = password("password", req.password, MIN_NEW_PASSWORD_CHARS)?;
-    if state.backend.lock_state() != LockState::Uninitialised {
+    if state.lock_state() != LockState::Uninitialised {
         return Err(ApiError::AlreadyInitialised);
     }
     state.limiter.check(client.ip())?;
@@ -148,13 +148,12 @@ pub async fn setup(
         tracing::warn!(client = %client.ip(), "wrong setup code");
         return Err(ApiError::WrongCredentials("wrong setup code"));
     }
-    let recovery = checked(&state, client, move |b| b.initialise(&pw)).await?;
+    // Key set, bootstrap and control volumes through the broker, then the store.
+    let recovery = checked(&state, client, state.persistence.setup(pw)).await?;
     state.setup.consume();
-    let st = state.clone();
-    super::blocking(&state, move |b| st.sessions.load_key(b)).await?;
+    state.sessions.load_key(&state.persistence.store()).await?;
     tracing::info!(client = %client.ip(), "first-run setup done");
-    state.publish(Event::lock(LockState::Unlocked));
-    let body = RecoveryKeyResponse { recovery_key: recovery.expose_secret().to_string(), state: LockState::Unlocked };
+    let body = RecoveryKeyResponse { recovery_key: recovery.expose_secret().to_string(), state: state.lock_state() };
     Ok(json(StatusCode::CREATED, body))
 }
 
@@ -175,9 +174,9 @@ pub async fn login(
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     ApiJson(req): ApiJson<LoginRequest>,
 ) -> Result<Response, ApiError> {
-    crate::auth::require_unlocked(state.backend.as_ref())?;
+    crate::auth::require_unlocked(&state.persistence)?;
     let pw = password("password", req.password, 1)?;
-    checked(&state, client, move |b| b.verify_password(&pw)).await?;
+    checked(&state, client, verify_password(&state.persistence, pw)).await?;
     let issued = state.sessions.issue()?;
     tracing::info!(client = %client.ip(), "login");
     Ok(with_session(&state, issued, StatusCode::OK))
@@ -231,6 +230,7 @@ pub async fn session(auth: Auth) -> Response {
         (status = 423, description = "Locked", body = ErrorBody),
         (status = 429, description = "Too many attempts", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
         (status = 500, description = "Internal error", body = ErrorBody),
+        (status = 503, description = "Follower node (code not_leader): the store is read-only", body = ErrorBody),
     ))]
 pub async fn change_password(
     State(state): State<SharedState>,
@@ -240,11 +240,11 @@ pub async fn change_password(
 ) -> Result<Response, ApiError> {
     let current = password("current_password", req.current_password, 1)?;
     let new = password("new_password", req.new_password, MIN_NEW_PASSWORD_CHARS)?;
-    checked(&state, client, move |b| b.change_password(&current, &new)).await?;
-    // The key set now opens only with the new password; end every session at once.
+    checked(&state, client, state.persistence.change_password(current, new)).await?;
+    // The key set now opens only with the new password; end every session at once and
+    // replace the token key in the control store.
     state.sessions.revoke_all_except(None);
-    let st = state.clone();
-    super::blocking(&state, move |b| st.sessions.rotate_key(b)).await?;
+    state.sessions.rotate_key(&state.persistence.store()).await?;
     tracing::info!(client = %client.ip(), "admin password changed; all sessions revoked");
     let issued = state.sessions.issue()?;
     Ok(with_session(&state, issued, StatusCode::OK))
@@ -258,27 +258,34 @@ pub async fn change_password(
         (status = 400, description = "Malformed request or weak password", body = ErrorBody),
         (status = 401, description = "Wrong or mistyped recovery key", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 409, description = "Another lock-state transition is running", body = ErrorBody),
         (status = 423, description = "Not set up", body = ErrorBody),
         (status = 429, description = "Too many attempts", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
         (status = 500, description = "Internal error", body = ErrorBody),
+        (status = 503, description = "The broker is unreachable or refused a volume operation", body = ErrorBody),
     ))]
 pub async fn reset_password(
     State(state): State<SharedState>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     ApiJson(req): ApiJson<ResetPasswordRequest>,
 ) -> Result<Response, ApiError> {
-    if state.backend.lock_state() == LockState::Uninitialised {
+    if state.lock_state() == LockState::Uninitialised {
         return Err(ApiError::SetupRequired);
     }
     bounded("recovery_key", &req.recovery_key, 1, 128)?;
     let new = password("new_password", req.new_password, MIN_NEW_PASSWORD_CHARS)?;
     state.limiter.check(client.ip())?;
-    let key = RecoveryKey::parse(&req.recovery_key).map_err(|e| ApiError::MistypedRecoveryKey(e.to_string()))?;
-    checked(&state, client, move |b| b.reset_password(&key, &new)).await?;
-    state.sessions.clear();
-    let st = state.clone();
-    super::blocking(&state, move |b| st.sessions.rotate_key(b)).await?;
+    // A typo is reported as such before it counts as a failed attempt.
+    piccolo_keyset::RecoveryKey::parse(&req.recovery_key).map_err(|e| ApiError::MistypedRecoveryKey(e.to_string()))?;
+    let typed = req.recovery_key;
+    checked(&state, client, state.persistence.reset_password(typed.clone(), new)).await?;
+    state.sessions.revoke_all_except(None);
+    // Locked: the recovery key (checked just now; SHA-256, no Argon2id) also unlocks, so the
+    // admin can log in with the new password straight away.
+    if state.persistence.state() == piccolo_persistence::LockState::Locked {
+        state.persistence.unlock_with_recovery_key(typed).await?;
+    }
+    state.sessions.rotate_key(&state.persistence.store()).await?;
     tracing::warn!(client = %client.ip(), "admin password reset with the recovery key; all sessions revoked");
-    state.publish(Event::lock(LockState::Unlocked));
-    Ok(json(StatusCode::OK, StateResponse { state: LockState::Unlocked }))
+    Ok(json(StatusCode::OK, StateResponse { state: state.lock_state() }))
 }

@@ -21,7 +21,7 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::backend::{BackendError, BackendResult, Persistence};
+use crate::backend::Persistence;
 use crate::error::ApiError;
 use crate::state::SharedState;
 
@@ -78,6 +78,7 @@ pub fn router(state: SharedState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(crypto::unlock))
         .routes(routes!(crypto::lock))
         .routes(routes!(crypto::recovery_key))
+        .routes(routes!(crypto::tpm))
         .routes(routes!(transfer::export))
         .routes(routes!(transfer::import))
         .routes(routes!(transfer::setup_import))
@@ -141,36 +142,30 @@ pub(crate) fn json<T: serde::Serialize>(status: StatusCode, body: T) -> Response
     (status, Json(body)).into_response()
 }
 
-/// Runs a blocking persistence call.
-pub(crate) async fn blocking<T: Send + 'static>(
-    state: &SharedState,
-    f: impl FnOnce(&dyn Persistence) -> BackendResult<T> + Send + 'static,
-) -> Result<T, ApiError> {
-    let backend = state.backend.clone();
-    let res = tokio::task::spawn_blocking(move || f(backend.as_ref())).await.map_err(|e| {
-        tracing::error!(error = %e, "persistence task panicked");
-        ApiError::Internal
-    })?;
-    res.map_err(ApiError::from)
+/// Whether a persistence error is a wrong credential (counted by the attempt limits).
+fn wrong_credential(e: &piccolo_persistence::Error) -> bool {
+    matches!(
+        e,
+        piccolo_persistence::Error::Keyset(
+            piccolo_keyset::Error::WrongPassword | piccolo_keyset::Error::WrongRecoveryKey
+        )
+    )
 }
 
 /// A credential check under the attempt limits: refused with 429 during a back-off (before
-/// the credential is looked at), counted as a failure when the credential is wrong.
-pub(crate) async fn checked<T: Send + 'static>(
+/// the credential is looked at), at most a few Argon2id derivations at once, counted as a
+/// failure when the credential is wrong and cleared on success.
+pub(crate) async fn checked<T>(
     state: &SharedState,
     client: SocketAddr,
-    f: impl FnOnce(&dyn Persistence) -> BackendResult<T> + Send + 'static,
+    call: impl Future<Output = Result<T, piccolo_persistence::Error>>,
 ) -> Result<T, ApiError> {
     let ip: IpAddr = client.ip();
     state.limiter.check(ip)?;
     let _permit = state.limiter.kdf_permit()?;
-    let backend = state.backend.clone();
-    let res = tokio::task::spawn_blocking(move || f(backend.as_ref())).await.map_err(|e| {
-        tracing::error!(error = %e, "persistence task panicked");
-        ApiError::Internal
-    })?;
+    let res = call.await;
     match &res {
-        Err(BackendError::WrongPassword | BackendError::WrongRecoveryKey) => {
+        Err(e) if wrong_credential(e) => {
             tracing::warn!(client = %ip, "failed credential check");
             state.limiter.failure(ip);
         }
@@ -178,6 +173,21 @@ pub(crate) async fn checked<T: Send + 'static>(
         Err(_) => {}
     }
     res.map_err(ApiError::from)
+}
+
+/// Checks the admin password against the key set without changing the lock state (login,
+/// and re-entering the password for a sensitive operation). Argon2id on the blocking pool.
+pub(crate) async fn verify_password(
+    p: &Persistence,
+    password: piccolo_keyset::Password,
+) -> Result<(), piccolo_persistence::Error> {
+    let dir = p.state_dir().to_path_buf();
+    let res = tokio::task::spawn_blocking(move || {
+        piccolo_keyset::Keyset::read(&dir)?.unlock_with_password(&password).map(drop)
+    })
+    .await
+    .map_err(|source| piccolo_persistence::Error::Task { source })?;
+    Ok(res?)
 }
 
 /// Checks a submitted password against the schema's bounds (characters, like JSON Schema).

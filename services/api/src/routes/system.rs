@@ -67,7 +67,7 @@ pub async fn live() -> Response {
 #[utoipa::path(get, path = "/api/v1/health/ready", tag = "health",
     responses((status = 200, description = "Ready", body = Ready)))]
 pub async fn ready(State(state): State<SharedState>) -> Response {
-    json(StatusCode::OK, Ready { status: "ready".into(), state: state.backend.lock_state() })
+    json(StatusCode::OK, Ready { status: "ready".into(), state: state.lock_state() })
 }
 
 /// The A/B boot state, from the broker.
@@ -106,7 +106,7 @@ pub async fn events(
         None => None,
     };
     let rx = state.events.subscribe();
-    let first = Event::lock(state.backend.lock_state());
+    let first = Event::lock(state.lock_state());
     let s = stream::unfold(
         (Some(first), rx, false, state, auth.session, limit),
         |(pending, mut rx, done, st, sid, left)| async move {

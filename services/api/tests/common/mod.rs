@@ -1,6 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Test support: the real `piccolo-api` binary on a temp state dir, and a small HTTP/1.1
-//! client (hyper) that can bind its source address (127.0.0.x) to act as different clients.
+//! Test support: the whole local stack on a temp dir. A real `piccolo-broker` (production
+//! policy `policy/broker.toml`, Volumes over real gocryptfs/FUSE, optionally swtpm) and the
+//! real `piccolo-api` binary running as system user `piccolo-api` (no capabilities), both on
+//! one state dir; and a small HTTP/1.1 client (hyper) that can bind its source address
+//! (127.0.0.x) to act as different clients. Tests run as root (they create system users).
 
 #![allow(dead_code)]
 
@@ -11,12 +14,33 @@ use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
+use piccolo_testkit::broker::{Broker, BrokerOptions};
+use piccolo_testkit::swtpm::Swtpm;
 
-/// A running `piccolo-api`; SIGKILLed on drop.
+/// How to start the stack.
+#[derive(Default)]
+pub struct StackOptions {
+    /// Extra `piccolo-api` flags.
+    pub api_args: Vec<String>,
+    /// Extra broker config (e.g. a `[boot]` section).
+    pub broker_config: String,
+    /// Start swtpm and point the broker's `[tpm]` at it.
+    pub tpm: bool,
+    /// Run the worker as root instead of `piccolo-api` (only to exercise export/import
+    /// end to end while `ciphertext/` is root-only; see ARCHITECTURE.md).
+    pub as_root: bool,
+}
+
+/// The running stack: broker + `piccolo-api` as `piccolo-api`. On drop the worker is killed,
+/// every FUSE mount under the state dir detached, then the broker stopped.
 pub struct Api {
     pub dir: tempfile::TempDir,
     pub addr: SocketAddr,
-    child: Child,
+    pub broker: Broker,
+    pub tpm: Option<Swtpm>,
+    child: Option<Child>,
+    args: Vec<String>,
+    as_root: bool,
 }
 
 /// The password tests set at first run.
@@ -26,60 +50,130 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+pub fn repo() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+/// Whether something is mounted on `mp`.
+pub fn mounted(mp: &Path) -> bool {
+    let target = mp.to_string_lossy().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().any(|l| l.split(' ').nth(4) == Some(&target))
+}
+
+fn chown_to(path: &Path, user: &nix::unistd::User, mode: u32) {
+    std::fs::create_dir_all(path).unwrap();
+    std::os::unix::fs::chown(path, Some(user.uid.as_raw()), Some(user.gid.as_raw())).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+}
+
 impl Api {
-    /// Starts the binary with a fast KDF and `extra` flags; waits until it answers.
+    /// The stack with `extra` API flags (fast test KDF).
     pub fn start(extra: &[&str]) -> Api {
-        Api::start_in(tempfile::Builder::new().prefix("piccolo-api-").tempdir().unwrap(), extra, None)
+        Api::start_opts(StackOptions { api_args: extra.iter().map(|s| s.to_string()).collect(), ..Default::default() })
     }
 
-    /// Same, in `dir`, optionally as system user `user` (via setpriv).
-    pub fn start_in(dir: tempfile::TempDir, extra: &[&str], user: Option<&str>) -> Api {
-        let bin = piccolo_testkit::bins::bin("piccolo-api");
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let log = std::fs::File::create(dir.path().join("api.log")).unwrap();
+    /// The stack as `opts` says. The state dir layout follows production (tmpfiles.d): the
+    /// dir itself and the broker's `ciphertext/`, `mounts/` are root's; `crypto/`,
+    /// `volumes/`, `exports/` and the runtime dir are piccolo-api's (0700).
+    pub fn start_opts(opts: StackOptions) -> Api {
+        piccolo_testkit::users::apply_sysusers(&repo().join("systemd/sysusers.d/piccolo.conf"));
+        let user = nix::unistd::User::from_name("piccolo-api").unwrap().unwrap();
+        let dir = tempfile::Builder::new().prefix("piccolo-api-").tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        for sub in ["crypto", "volumes", "exports"] {
+            chown_to(&state.join(sub), &user, 0o700);
+        }
+        chown_to(&dir.path().join("run"), &user, 0o700);
+        let tpm = opts.tpm.then(Swtpm::start);
+        let mut broker_config = format!("[volumes]\nstate_dir = {:?}\n", state.display().to_string());
+        if let Some(t) = &tpm {
+            broker_config.push_str(&format!("[tpm]\ntcti = {:?}\n", t.tcti()));
+        }
+        broker_config.push_str(&opts.broker_config);
+        let mut policy = std::fs::read_to_string(repo().join("policy/broker.toml")).unwrap();
+        if opts.as_root {
+            policy.push_str(
+                "\n[[rule]]\nrpcs = [\"CreateVolume\", \"MountVolume\", \"UnmountVolume\", \"VolumeStatus\"]\n\
+                 users = [\"root\"]\nvolumes = [\"control\", \"bootstrap\"]\n\
+                 reason = \"test: the worker runs as root for the export/import round trip\"\n",
+            );
+        }
+        let broker = Broker::start(BrokerOptions {
+            policy,
+            socket_group: Some("piccolo-broker".into()),
+            audit_group: Some("piccolo-audit".into()),
+            extra_config: broker_config,
+            ..Default::default()
+        });
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut args: Vec<String> = vec![
             "--listen".into(),
             addr.to_string(),
             "--state-dir".into(),
-            dir.path().join("state").display().to_string(),
+            state.display().to_string(),
             "--runtime-dir".into(),
             dir.path().join("run").display().to_string(),
+            "--broker-socket".into(),
+            broker.socket.display().to_string(),
             "--kdf-memory-kib".into(),
             "8192".into(),
             "--kdf-passes".into(),
             "1".into(),
         ];
-        if !extra.contains(&"--broker-socket") {
-            args.push("--broker-socket".into());
-            args.push(dir.path().join("no-broker.sock").display().to_string());
+        args.extend(opts.api_args);
+        let mut api = Api { dir, addr, broker, tpm, child: None, args, as_root: opts.as_root };
+        api.spawn();
+        api
+    }
+
+    fn spawn(&mut self) {
+        let pw = nix::unistd::User::from_name("piccolo-api").unwrap().unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("api.log")).unwrap();
+        let mut cmd = Command::new("setpriv");
+        if !self.as_root {
+            cmd.arg(format!("--reuid={}", pw.uid)).arg(format!("--regid={}", pw.gid)).arg("--init-groups");
         }
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let mut cmd = match user {
-            Some(u) => {
-                let pw = nix::unistd::User::from_name(u).unwrap().unwrap();
-                let mut c = Command::new("setpriv");
-                c.arg(format!("--reuid={}", pw.uid))
-                    .arg(format!("--regid={}", pw.gid))
-                    .arg("--init-groups")
-                    .arg("--no-new-privs")
-                    .arg(&bin);
-                c
-            }
-            None => Command::new(&bin),
-        };
-        cmd.args(&args).stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null());
-        let child = cmd.spawn().unwrap();
-        let api = Api { dir, addr, child };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        cmd.arg("--no-new-privs")
+            .arg(piccolo_testkit::bins::bin("piccolo-api"))
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null());
+        self.child = Some(cmd.spawn().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if std::net::TcpStream::connect(addr).is_ok() {
+            if std::net::TcpStream::connect(self.addr).is_ok() {
                 break;
             }
-            assert!(Instant::now() < deadline, "piccolo-api did not start: {}", api.log());
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("piccolo-api exited ({st}): {}", self.log());
+            }
+            assert!(Instant::now() < deadline, "piccolo-api did not start: {}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
-        api
+    }
+
+    /// Stops the worker with SIGTERM (it locks on the way out) and starts it again.
+    pub fn restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(c.id()).unwrap());
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+            let st = c.wait().unwrap();
+            assert!(st.success(), "piccolo-api did not stop cleanly ({st}): {}", self.log());
+        }
+        self.spawn();
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn mountpoint(&self, id: &str) -> PathBuf {
+        self.state_dir().join("mounts").join(id)
     }
 
     pub fn log(&self) -> String {
@@ -94,8 +188,9 @@ impl Api {
         std::fs::read_to_string(self.setup_code_file()).unwrap().trim().to_string()
     }
 
+    /// The worker's pid (the setpriv child execs the worker, so it is the same process).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.as_ref().unwrap().id()
     }
 
     /// The worker's resident set size (VmRSS) in KiB.
@@ -117,7 +212,7 @@ impl Api {
                 &[],
             )
             .await;
-        assert_eq!(r.status, 201, "{}", r.text());
+        assert_eq!(r.status, 201, "{} / {}", r.text(), self.log());
         r.json()["recovery_key"].as_str().unwrap().to_string()
     }
 
@@ -126,6 +221,10 @@ impl Api {
         let r = self.post_json("/api/v1/auth/login", &serde_json::json!({"password": password}), &[]).await;
         assert_eq!(r.status, 200, "{}", r.text());
         Session::from_response(&r)
+    }
+
+    pub async fn state(&self) -> String {
+        self.get("/api/v1/crypto/status", &[]).await.json()["state"].as_str().unwrap().to_string()
     }
 
     pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Resp {
@@ -153,8 +252,19 @@ impl Api {
 
 impl Drop for Api {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // The gocryptfs daemons outlive the broker by design (KillMode=process): detach every
+        // mount so the temp dir can go.
+        if let Ok(items) = std::fs::read_dir(self.state_dir().join("mounts")) {
+            for item in items.flatten() {
+                if mounted(&item.path()) {
+                    let _ = Command::new("fusermount3").arg("-uz").arg(item.path()).status();
+                }
+            }
+        }
     }
 }
 
@@ -194,6 +304,9 @@ pub struct Resp {
 }
 
 impl Resp {
+    pub fn clone_resp(&self) -> Resp {
+        Resp { status: self.status, headers: self.headers.clone(), body: self.body.clone() }
+    }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
