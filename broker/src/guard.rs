@@ -34,6 +34,8 @@ pub struct Ctx {
     pub config: Config,
     /// Woken when shutdown begins.
     pub stopping: tokio::sync::Notify,
+    /// What `GetInfo` reports about each backend, kept current in the background.
+    pub backends: crate::backends::Backends,
 }
 
 /// Shared handle passed to handlers.

@@ -10,7 +10,7 @@ use clap::Parser;
 use piccolo_audit::{AuditConfig, AuditLog, Entry};
 use piccolo_broker::config::{Args, Config};
 use piccolo_broker::guard::Ctx;
-use piccolo_broker::{caps, reload, server};
+use piccolo_broker::{backends, caps, reload, server};
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -101,6 +101,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         started: Instant::now(),
         config,
         stopping: tokio::sync::Notify::new(),
+        backends: Default::default(),
     });
 
     // 4. One async worker: the broker's work is I/O; slow backend calls (TPM, disks) go to
@@ -114,6 +115,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let result = rt.block_on(async {
         // 5. Socket with its final owner and mode, then serve (which signals READY).
         let listener = server::bind_socket(&ctx.config.socket, socket_gid).await?;
+        // Backend availability for GetInfo, probed in the background from here on.
+        backends::spawn(&ctx);
         server::serve(ctx.clone(), listener).await?;
         Ok::<_, Box<dyn std::error::Error>>(())
     });

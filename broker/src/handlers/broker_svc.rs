@@ -29,7 +29,7 @@ impl Broker for BrokerSvc {
             Ok(GetInfoResponse {
                 version: env!("CARGO_PKG_VERSION").into(),
                 uptime_seconds: ctx.started.elapsed().as_secs(),
-                backends: crate::backends::probe_all(&ctx).await,
+                backends: ctx.backends.snapshot().await,
                 policy_sha256: ctx.policy().sha256().to_owned(),
                 audit_seq: ctx.audit.last_seq(),
             })

@@ -9,6 +9,7 @@
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use futures_util::Stream;
 use piccolo_proto::Rpc;
@@ -23,6 +24,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::backends::{Kind as BackendKind, available, unavailable};
 use crate::error::Error;
 use crate::guard::{AuditArgs, Ctx, Shared, guard};
 
@@ -55,16 +57,70 @@ fn client(ctx: &Ctx) -> &'static ue::UpdateEngine {
     CLIENT.get_or_init(|| ue::UpdateEngine::new(ctx.config.file.update_engine.bus_address.clone()))
 }
 
-/// `GetInfo`'s entry: is update_engine answering now (one `GetStatus`, 1 s deadline).
-pub async fn backend(ctx: &Ctx) -> Backend {
+/// `GetInfo`'s entry for a status update_engine gave.
+fn up(c: &ue::UpdateEngine, st: &ue::Status) -> Backend {
+    available("update_engine", format!("{} on {}: {}", ue::SERVICE, c.bus(), st.operation))
+}
+
+fn down(e: &ue::Error) -> Backend {
+    unavailable("update_engine", e.to_string())
+}
+
+/// The refresher's probe: is update_engine answering now (one `GetStatus`, 1 s deadline).
+pub async fn probe(ctx: &Ctx) -> Backend {
     let c = client(ctx);
     match c.probe().await {
-        Ok(st) => Backend {
-            name: "update_engine".into(),
-            available: true,
-            detail: format!("{} on {}: {}", ue::SERVICE, c.bus(), st.operation),
-        },
-        Err(e) => Backend { name: "update_engine".into(), available: false, detail: e.to_string() },
+        Ok(st) => up(c, &st),
+        Err(e) => down(&e),
+    }
+}
+
+/// Records what a call begun at `seen` says about update_engine: it answered (available, in
+/// the state it reported), or it or its bus is gone (unavailable). Other errors (a refused
+/// reset) came from update_engine, but carry no state: the entry stays as it was.
+fn note(ctx: &Ctx, seen: Instant, r: Result<&ue::Status, &ue::Error>) {
+    let c = client(ctx);
+    let backend = match r {
+        Ok(st) => up(c, st),
+        Err(e) if e.code() == ue::Code::Unavailable => down(e),
+        Err(_) => return,
+    };
+    ctx.backends.observe(BackendKind::UpdateEngine, seen, backend);
+}
+
+/// Keeps `GetInfo`'s update_engine entry current from the bus's own events: holds a watch
+/// (`NameOwnerChanged` for `com.coreos.update1` and its `StatusUpdate` signals) and records
+/// each event as it arrives. Without a bus or update_engine, tries again every
+/// [`REFRESH`](crate::backends::REFRESH) (the refresher's probes notice it meanwhile).
+pub async fn follow(ctx: Shared) {
+    let c = client(&ctx);
+    loop {
+        let seen = Instant::now();
+        match c.watch().await {
+            Ok(mut w) => {
+                ctx.backends.observe(BackendKind::UpdateEngine, seen, up(c, w.initial()));
+                loop {
+                    let ev = w.next().await;
+                    let now = Instant::now();
+                    match ev {
+                        Ok(ue::Event::Status(st)) => ctx.backends.observe(BackendKind::UpdateEngine, now, up(c, &st)),
+                        Ok(ue::Event::Vanished) => ctx.backends.observe(
+                            BackendKind::UpdateEngine,
+                            now,
+                            down(&ue::Error::NotRunning { bus: c.bus() }),
+                        ),
+                        // The new owner's start-up StatusUpdate follows and says its state.
+                        Ok(ue::Event::Appeared) => {}
+                        Err(e) => {
+                            ctx.backends.observe(BackendKind::UpdateEngine, now, down(&e));
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => note(&ctx, seen, Err(&e)),
+        }
+        tokio::time::sleep(crate::backends::REFRESH).await;
     }
 }
 
@@ -168,7 +224,10 @@ impl UpdateEngine for UpdateEngineSvc {
         req: Request<GetUpdateEngineStatusRequest>,
     ) -> Result<Response<GetUpdateEngineStatusResponse>, Status> {
         guard(&self.ctx, Rpc::GetUpdateEngineStatus, req, |ctx, _, _| async move {
-            let st = client(&ctx).status().await?;
+            let seen = Instant::now();
+            let st = client(&ctx).status().await;
+            note(&ctx, seen, st.as_ref());
+            let st = st?;
             Ok(GetUpdateEngineStatusResponse { status: Some(status_pb(&st)) })
         })
         .await
@@ -187,7 +246,10 @@ impl UpdateEngine for UpdateEngineSvc {
                 code: tonic::Code::ResourceExhausted,
                 message: format!("at most {MAX_WATCHERS} update_engine watchers"),
             })?;
-            let watch = client(&ctx).watch().await?;
+            let seen = Instant::now();
+            let watch = client(&ctx).watch().await;
+            note(&ctx, seen, watch.as_ref().map(ue::Watch::initial));
+            let watch = watch?;
             let (tx, rx) = mpsc::channel(16);
             tokio::spawn(forward(ctx, watch, tx, slot));
             Ok(Box::pin(ReceiverStream::new(rx)) as EventStream)
@@ -200,7 +262,10 @@ impl UpdateEngine for UpdateEngineSvc {
         req: Request<ResetUpdateEngineRequest>,
     ) -> Result<Response<ResetUpdateEngineResponse>, Status> {
         guard(&self.ctx, Rpc::ResetUpdateEngine, req, |ctx, _, _| async move {
-            let st = client(&ctx).reset_status().await?;
+            let seen = Instant::now();
+            let st = client(&ctx).reset_status().await;
+            note(&ctx, seen, st.as_ref());
+            let st = st?;
             tracing::info!(state = %st.operation, "update_engine status reset");
             Ok(ResetUpdateEngineResponse { status: Some(status_pb(&st)) })
         })
