@@ -110,9 +110,14 @@ async fn client(b: &Broker, user: &str) -> VolumesClient<Channel> {
 }
 
 async fn create(c: &mut VolumesClient<Channel>, id: &str, class: VolumeClass, key: &[u8]) -> Result<(), tonic::Status> {
-    c.create_volume(CreateVolumeRequest { volume_id: id.into(), class: class.into(), key: key.to_vec() })
-        .await
-        .map(|_| ())
+    c.create_volume(CreateVolumeRequest {
+        volume_id: id.into(),
+        class: class.into(),
+        key: key.to_vec(),
+        ..Default::default()
+    })
+    .await
+    .map(|_| ())
 }
 
 async fn mount(c: &mut VolumesClient<Channel>, id: &str, key: &[u8]) -> Result<(String, u32), tonic::Status> {
