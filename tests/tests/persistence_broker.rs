@@ -98,6 +98,10 @@ fn assert_presented_as_apps(mp: &Path) {
     let apps = nix::unistd::User::from_name("piccolo-apps").unwrap().unwrap();
     let st = std::fs::metadata(mp).unwrap();
     assert_eq!((st.uid(), st.gid(), st.mode() & 0o777), (apps.uid.as_raw(), apps.gid.as_raw(), 0o700));
+    // The state dir is traversable by workers in production (tmpfiles.d makes it 0755; the
+    // broker leaves an existing one as is); this test's state dir is created 0700 by root.
+    let state = mp.parent().and_then(Path::parent).unwrap();
+    std::fs::set_permissions(state, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let m = mp.display();
     let run = |user: &str, script: String| piccolo_testkit::users::run_as(user, Path::new("/bin/sh"), &["-c", &script]);
     let sh = |user: &str, script: String| run(user, script).status.success();
