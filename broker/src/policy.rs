@@ -49,6 +49,8 @@ struct RawRule {
     partitions: Option<Spanned<Vec<String>>>,
     disks: Option<Spanned<Vec<String>>>,
     efi_variables: Option<Spanned<Vec<String>>>,
+    /// Users a `CreateVolume` of this rule may present the volume as (besides the caller).
+    present_as: Option<Spanned<Vec<String>>>,
 }
 
 impl RawRule {
@@ -108,6 +110,8 @@ impl Principal {
 struct Grant {
     principals: Vec<Principal>,
     constraint: Option<Vec<Pattern>>,
+    /// uids `present_as` names (CreateVolume only).
+    present_as: Vec<u32>,
 }
 
 /// A loaded, validated policy.
@@ -175,6 +179,18 @@ impl Policy {
             if principals.is_empty() {
                 return Err(err(Some(rule.reason.span().start), "rule names no users or groups".into()));
             }
+            let mut present_as = Vec::new();
+            if let Some(users) = &rule.present_as {
+                if !rule.rpcs.iter().any(|r| r.get_ref() == Rpc::CreateVolume.name()) {
+                    return Err(err(Some(users.span().start), "`present_as` applies only to CreateVolume".into()));
+                }
+                for u in users.get_ref() {
+                    let uid = names
+                        .uid(u)
+                        .ok_or_else(|| err(Some(users.span().start), format!("unknown user {u:?} in present_as")))?;
+                    present_as.push(uid);
+                }
+            }
             let mut used_keys = BTreeSet::new();
             for name in &rule.rpcs {
                 let rpc = Rpc::from_name(name.get_ref())
@@ -198,7 +214,8 @@ impl Policy {
                     }
                     None => None,
                 };
-                grants.entry(rpc).or_default().push(Grant { principals: principals.clone(), constraint });
+                let present_as = if rpc == Rpc::CreateVolume { present_as.clone() } else { Vec::new() };
+                grants.entry(rpc).or_default().push(Grant { principals: principals.clone(), constraint, present_as });
             }
             for (key, values) in rule.constraints() {
                 if !used_keys.contains(key) {
@@ -223,6 +240,18 @@ impl Policy {
                         // A constrained RPC whose handler supplied no value is refused.
                         (Some(_), None) => false,
                     }
+            })
+        })
+    }
+
+    /// Whether `id` may create volume `volume_id` presented as user `uid`: its own uid, or
+    /// one that the `present_as` of a rule granting it this CreateVolume names.
+    pub fn allows_present_as(&self, id: &Identity, volume_id: &str, uid: u32) -> bool {
+        self.grants.get(&Rpc::CreateVolume).is_some_and(|grants| {
+            grants.iter().any(|g| {
+                g.principals.iter().any(|p| p.matches(id))
+                    && g.constraint.as_ref().is_none_or(|pats| pats.iter().any(|p| p.matches(volume_id)))
+                    && (uid == id.uid || g.present_as.contains(&uid))
             })
         })
     }
@@ -329,6 +358,37 @@ reason = "operators"
         assert!(p.allows(&id(0, 0, &[]), Rpc::WhoAmI, None));
         assert_eq!(p.allowed_rpcs(&id(0, 0, &[])), vec![Rpc::WhoAmI]);
         assert!(p.render_table().contains("group:piccolo-broker"));
+    }
+
+    #[test]
+    fn present_as_names_whom_a_create_may_present_a_volume_as() {
+        let text = r#"
+version = 1
+
+[[rule]]
+rpcs = ["CreateVolume", "MountVolume"]
+users = ["piccolo-api"]
+volumes = ["app-*"]
+present_as = ["piccolo-updater"]
+reason = "app volumes"
+
+[[rule]]
+rpcs = ["CreateVolume"]
+users = ["piccolo-api"]
+volumes = ["control"]
+reason = "own volume"
+"#;
+        let p = Policy::parse("t", text, &Names).unwrap();
+        let api = id(901, 901, &[]);
+        assert!(p.allows_present_as(&api, "app-a", 902));
+        assert!(p.allows_present_as(&api, "app-a", 901), "the caller itself");
+        assert!(!p.allows_present_as(&api, "app-a", 0), "a user present_as does not name");
+        assert!(!p.allows_present_as(&api, "control", 902), "the control rule names no present_as");
+        assert!(!p.allows_present_as(&id(902, 902, &[]), "app-a", 902), "not a principal of the rule");
+        let e = err_of(&text.replace("piccolo-updater\"]", "mallory\"]"));
+        assert!(e.reason.contains("unknown user \"mallory\""), "{e}");
+        let e = err_of(&text.replace("[\"CreateVolume\", \"MountVolume\"]", "[\"MountVolume\"]"));
+        assert!(e.reason.contains("only to CreateVolume"), "{e}");
     }
 
     fn err_of(text: &str) -> PolicyError {

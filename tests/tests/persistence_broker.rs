@@ -29,7 +29,7 @@ const FAST: KdfParams = KdfParams { m_cost_kib: KdfParams::MIN_M_COST_KIB, t_cos
 /// mount them, so an unlock fails at the first application volume, after control is mounted.
 fn policy(mount_apps: bool) -> String {
     let app_rpcs = if mount_apps {
-        r#"["CreateVolume", "MountVolume", "UnmountVolume", "VolumeStatus"]"#
+        "[\"CreateVolume\", \"MountVolume\", \"UnmountVolume\", \"VolumeStatus\"]\npresent_as = [\"piccolo-apps\"]"
     } else {
         r#"["UnmountVolume", "VolumeStatus"]"#
     };
@@ -89,6 +89,29 @@ async fn as_api(b: &Broker) -> Arc<GrpcBroker> {
         .await
         .unwrap();
     Arc::new(GrpcBroker::from_channel(ch))
+}
+
+/// An application volume mounted by piccolo-api is presented as piccolo-apps: the
+/// mountpoint and files are its own, it can write, piccolo-api and nobody cannot list it.
+fn assert_presented_as_apps(mp: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let apps = nix::unistd::User::from_name("piccolo-apps").unwrap().unwrap();
+    let st = std::fs::metadata(mp).unwrap();
+    assert_eq!((st.uid(), st.gid(), st.mode() & 0o777), (apps.uid.as_raw(), apps.gid.as_raw(), 0o700));
+    // The state dir is traversable by workers in production (tmpfiles.d makes it 0755; the
+    // broker leaves an existing one as is); this test's state dir is created 0700 by root.
+    let state = mp.parent().and_then(Path::parent).unwrap();
+    std::fs::set_permissions(state, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let m = mp.display();
+    let run = |user: &str, script: String| piccolo_testkit::users::run_as(user, Path::new("/bin/sh"), &["-c", &script]);
+    let sh = |user: &str, script: String| run(user, script).status.success();
+    let out = run("piccolo-apps", format!("echo x > {m}/by-apps && stat -c %U {m}/data.txt {m}/by-apps"));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "piccolo-apps\npiccolo-apps\n");
+    for user in ["piccolo-api", "nobody"] {
+        assert!(!sh(user, format!("ls {m}")), "{user} listed {m}");
+        assert!(!sh(user, format!("cat {m}/data.txt")), "{user} read {m}");
+    }
 }
 
 fn pw(s: &str) -> Password {
@@ -175,6 +198,7 @@ async fn persistence_through_the_broker_round_trips_and_rolls_back() {
     let app = p.ensure_app_volume("app-1").await.unwrap();
     assert_eq!(app, state.join("mounts/app-1"));
     std::fs::write(app.join("data.txt"), MARKER).unwrap();
+    assert_presented_as_apps(&app);
     assert!(!files_containing(&state.join("mounts"), MARKER.as_bytes(), Path::new("/nonexistent")).is_empty());
 
     p.lock().await.unwrap();
@@ -185,6 +209,7 @@ async fn persistence_through_the_broker_round_trips_and_rolls_back() {
     p.unlock_with_password(pw(PASSWORD)).await.unwrap();
     assert_eq!(store.read_app("web").await.unwrap().unwrap().spec, MARKER);
     assert_eq!(std::fs::read_to_string(state.join("mounts/app-1/data.txt")).unwrap(), MARKER);
+    assert_presented_as_apps(&state.join("mounts/app-1"));
     p.lock().await.unwrap();
     assert_locked_invariant(&b, &state, &["app-1"]);
 

@@ -110,9 +110,26 @@ async fn client(b: &Broker, user: &str) -> VolumesClient<Channel> {
 }
 
 async fn create(c: &mut VolumesClient<Channel>, id: &str, class: VolumeClass, key: &[u8]) -> Result<(), tonic::Status> {
-    c.create_volume(CreateVolumeRequest { volume_id: id.into(), class: class.into(), key: key.to_vec() })
-        .await
-        .map(|_| ())
+    c.create_volume(CreateVolumeRequest {
+        volume_id: id.into(),
+        class: class.into(),
+        key: key.to_vec(),
+        ..Default::default()
+    })
+    .await
+    .map(|_| ())
+}
+
+async fn create_as(
+    c: &mut VolumesClient<Channel>,
+    id: &str,
+    class: VolumeClass,
+    key: &[u8],
+    user: &str,
+) -> Result<(), tonic::Status> {
+    let req =
+        CreateVolumeRequest { volume_id: id.into(), class: class.into(), key: key.to_vec(), present_as: user.into() };
+    c.create_volume(req).await.map(|_| ())
 }
 
 async fn mount(c: &mut VolumesClient<Channel>, id: &str, key: &[u8]) -> Result<(String, u32), tonic::Status> {
@@ -330,11 +347,26 @@ async fn shipped_policy_denies_foreign_ids_and_audits_it() {
     let mut apps = client(&b, "piccolo-apps").await;
     let mut remote = client(&b, "piccolo-remote").await;
     create(&mut api, "control", VolumeClass::Control, &key).await.unwrap();
-    create(&mut apps, "app-a", VolumeClass::Application, &key).await.unwrap();
+    // The apps worker holds no key and may not create app volumes; the persistence owner
+    // creates them, presented as piccolo-apps.
+    let e = create(&mut apps, "app-a", VolumeClass::Application, &key).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    create_as(&mut api, "app-a", VolumeClass::Application, &key, "piccolo-apps").await.unwrap();
 
     let e = mount(&mut apps, "control", &key).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
-    let e = create(&mut api, "app-b", VolumeClass::Application, &key).await.unwrap_err();
+    let e = mount(&mut apps, "app-a", &key).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // present_as names piccolo-apps for app-* only: any other user, or control presented as
+    // piccolo-apps, is refused before anything is created.
+    let e = create_as(&mut api, "app-b", VolumeClass::Application, &key, "piccolo-remote").await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = create_as(&mut api, "bootstrap", VolumeClass::Bootstrap, &key, "piccolo-apps").await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(!state(&b).join("ciphertext/bootstrap").exists());
+    let e = create_as(&mut api, "app-b", VolumeClass::Application, &key, "no-such-user-x").await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = create(&mut remote, "app-b", VolumeClass::Application, &key).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     let e = status(&mut remote, "control").await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
@@ -353,6 +385,11 @@ async fn shipped_policy_denies_foreign_ids_and_audits_it() {
     assert!(
         recs.iter().any(|r| r["rpc"] == "CreateVolume" && r["decision"] == "deny" && r["args"]["volume_id"] == "app-b")
     );
+    assert!(recs.iter().any(|r| r["rpc"] == "CreateVolume"
+        && r["args"]["volume_id"] == "app-b"
+        && r["args"]["present_as"] == "piccolo-remote"
+        && r["kind"] == "outcome"
+        && r["outcome"]["code"] == "PERMISSION_DENIED"));
 
     // Root sees every volume, with its class.
     let mut root = client(&b, "root").await;
@@ -473,4 +510,51 @@ async fn mounts_survive_a_broker_restart() {
     assert_eq!(mount(&mut api, "bootstrap", &key).await.unwrap(), (mnt.clone(), pid));
     unmount(&mut api, "bootstrap").await.unwrap();
     assert_eq!(gocryptfs_mounts_on(Path::new(&mnt)), 0);
+}
+
+/// Shipped policy: the persistence owner creates and mounts an application volume presented
+/// as the apps worker. Everything under the mount and the mountpoint is piccolo-apps' own;
+/// piccolo-apps writes, piccolo-api (the mounter) and nobody cannot even list it; the
+/// ciphertext files piccolo-apps makes belong to it; a remount keeps the presentation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_volume_created_by_api_is_presented_as_apps() {
+    let policy = std::fs::read_to_string(repo().join("policy/broker.toml")).unwrap();
+    let b = start(&policy);
+    let _c = Cleanup(state(&b));
+    let key = random(32);
+    let mut api = client(&b, "piccolo-api").await;
+    let (uid, gid) = (uid_of("piccolo-apps"), gid_of("piccolo-apps"));
+    create_as(&mut api, "app-notes", VolumeClass::Application, &key, "piccolo-apps").await.unwrap();
+    let data = state(&b).join("ciphertext/app-notes/data");
+    let st = std::fs::metadata(&data).unwrap();
+    assert_eq!((st.uid(), st.gid()), (uid, gid));
+    let meta = std::fs::read_to_string(state(&b).join("ciphertext/app-notes/piccolo.volume.json")).unwrap();
+    assert!(meta.contains("\"presented\""), "{meta}");
+
+    for round in 0..2 {
+        let (mnt, _) = mount(&mut api, "app-notes", &key).await.unwrap();
+        let m = mnt.as_str();
+        let st = std::fs::metadata(m).unwrap();
+        assert_eq!((st.uid(), st.gid(), st.mode() & 0o777), (uid, gid, 0o700), "round {round}");
+        let info = status(&mut api, "app-notes").await.unwrap();
+        assert_eq!(info[0].owner_uid, uid);
+        let out = sh_as("piccolo-apps", &format!("echo {round} > {m}/f{round} && stat -c '%u %g' {m}/f{round}"));
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{uid} {gid}"));
+        for user in ["piccolo-api", "nobody"] {
+            let out = sh_as(user, &format!("ls {m}"));
+            assert!(!out.status.success(), "{user} listed the app volume");
+            assert!(!sh_as(user, &format!("cat {m}/f0")).status.success(), "{user} read the app volume");
+        }
+        unmount(&mut api, "app-notes").await.unwrap();
+    }
+    // Ciphertext of files piccolo-apps created is piccolo-apps' (gocryptfs creates as the caller).
+    let mut owners: Vec<u32> = std::fs::read_dir(&data)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| !e.file_name().to_string_lossy().starts_with("gocryptfs."))
+        .map(|e| e.metadata().unwrap().uid())
+        .collect();
+    owners.dedup();
+    assert_eq!(owners, [uid]);
 }

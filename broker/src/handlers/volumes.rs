@@ -6,7 +6,9 @@
 //! id. Keys are moved out of the decoded request into zeroize-on-drop buffers before the
 //! guard runs (so a denied request's key is wiped too), are summarised in the audit record
 //! by their length only, and reach gocryptfs on stdin. A mount presents files as the
-//! caller's own uid:gid.
+//! creator's own uid:gid, or as the `present_as` user given at creation, which the rule
+//! granting the CreateVolume must name (application volumes: created and mounted by the
+//! persistence owner, presented as the apps worker).
 
 use std::sync::Arc;
 
@@ -83,17 +85,28 @@ struct CreateArgs {
     volume_id: String,
     class: i32,
     key: Zeroizing<Vec<u8>>,
+    present_as: String,
 }
 
 impl From<CreateVolumeRequest> for CreateArgs {
     fn from(mut r: CreateVolumeRequest) -> Self {
-        CreateArgs { key: Zeroizing::new(std::mem::take(&mut r.key)), volume_id: r.volume_id, class: r.class }
+        CreateArgs {
+            key: Zeroizing::new(std::mem::take(&mut r.key)),
+            volume_id: r.volume_id,
+            class: r.class,
+            present_as: r.present_as,
+        }
     }
 }
 
 impl AuditArgs for CreateArgs {
     fn audit_args(&self) -> serde_json::Value {
-        json!({ "volume_id": id_arg(&self.volume_id), "class": class_name(self.class), "key_len": self.key.len() })
+        json!({
+            "volume_id": id_arg(&self.volume_id),
+            "class": class_name(self.class),
+            "key_len": self.key.len(),
+            "present_as": id_arg(&self.present_as),
+        })
     }
     fn constraint(&self) -> Option<String> {
         Some(self.volume_id.clone())
@@ -172,12 +185,26 @@ impl VolumesSvc {
 impl Volumes for VolumesSvc {
     async fn create_volume(&self, req: Request<CreateVolumeRequest>) -> Result<Response<CreateVolumeResponse>, Status> {
         let vols = self.vols.clone();
-        guard(&self.ctx, Rpc::CreateVolume, req.map(CreateArgs::from), |_, who, r| async move {
+        guard(&self.ctx, Rpc::CreateVolume, req.map(CreateArgs::from), |ctx, who, r| async move {
             blocking(move || {
                 let id = VolumeId::parse(&r.volume_id)?;
                 let class = class_of(r.class)?;
                 let key = Key::from_slice(&r.key)?;
-                vols.create(&id, class, &key, who.uid, who.gid)?;
+                // The presented user is a second argument the policy constrains: the rule
+                // that granted this id must name it in `present_as` (the caller itself is
+                // always allowed). Checked before anything is created.
+                let presented = if r.present_as.is_empty() {
+                    None
+                } else {
+                    let u = nix::unistd::User::from_name(&r.present_as).ok().flatten().ok_or_else(|| {
+                        Error::InvalidArgument(format!("present_as: no user {:?}", id_arg(&r.present_as)))
+                    })?;
+                    if !ctx.policy().allows_present_as(&who, id.as_str(), u.uid.as_raw()) {
+                        return Err(Error::Denied(Rpc::CreateVolume));
+                    }
+                    Some((u.uid.as_raw(), u.gid.as_raw()))
+                };
+                vols.create_presented(&id, class, &key, (who.uid, who.gid), presented)?;
                 Ok(CreateVolumeResponse {})
             })
             .await

@@ -82,12 +82,15 @@ impl From<BrokerError> for piccolo_keyset::TpmUnsealError {
 
 /// Volume operations (the broker's Volumes service). Keys are borrowed for the call only.
 pub trait VolumeBackend: Send + Sync + 'static {
-    /// Creates (gocryptfs -init) `volume_id` under `key`. [`BrokerError::AlreadyExists`] if it exists.
+    /// Creates (gocryptfs -init) `volume_id` under `key`, its files presented as user
+    /// `present_as` when mounted (`None`: the caller). [`BrokerError::AlreadyExists`] if it
+    /// exists.
     fn create_volume<'a>(
         &'a self,
         volume_id: &'a str,
         class: VolumeClass,
         key: &'a VolumeKey,
+        present_as: Option<&'a str>,
     ) -> BoxFuture<'a, Result<(), BrokerError>>;
 
     /// Mounts `volume_id` with `key` (verified by the backend) and returns the mountpoint.

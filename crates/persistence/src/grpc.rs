@@ -81,12 +81,14 @@ impl VolumeBackend for GrpcBroker {
         volume_id: &'a str,
         class: VolumeClass,
         key: &'a VolumeKey,
+        present_as: Option<&'a str>,
     ) -> BoxFuture<'a, Result<(), BrokerError>> {
         Box::pin(async move {
             let req = v1::CreateVolumeRequest {
                 volume_id: volume_id.to_string(),
                 class: class_to_proto(class) as i32,
                 key: key.expose_secret().to_vec(),
+                present_as: present_as.unwrap_or_default().to_string(),
             };
             self.volumes().create_volume(req).await.map_err(from_status)?;
             Ok(())

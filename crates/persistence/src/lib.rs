@@ -40,5 +40,6 @@ pub use grpc::GrpcBroker;
 pub use journal::{Desired, JOURNAL_VERSION, Observed, VolumeRecord, journal_path};
 pub use keys::VolumeKey;
 pub use machine::{
-    BOOTSTRAP, CONTROL, Config, MAX_VOLUME_ID_LEN, Persistence, ReconcileReport, validate_app_volume_id,
+    APP_VOLUME_USER, BOOTSTRAP, CONTROL, Config, MAX_VOLUME_ID_LEN, Persistence, ReconcileReport,
+    validate_app_volume_id,
 };

@@ -41,6 +41,9 @@ pub struct Config {
     pub tpm_pcrs: Vec<u32>,
     /// Caps for imports.
     pub import_limits: ImportLimits,
+    /// The user application volumes are presented as (the broker's `present_as`; the
+    /// policy must allow it). `None`: as the persistence owner itself.
+    pub app_volume_user: Option<String>,
 }
 
 impl Config {
@@ -52,6 +55,7 @@ impl Config {
             kdf: KdfParams::RECOMMENDED,
             tpm_pcrs: vec![7],
             import_limits: ImportLimits::default(),
+            app_volume_user: Some(APP_VOLUME_USER.to_string()),
         }
     }
 }
@@ -116,6 +120,9 @@ fn class_of(id: &str) -> VolumeClass {
         _ => VolumeClass::Application,
     }
 }
+
+/// The apps worker's user: application volumes are presented as it by default.
+pub const APP_VOLUME_USER: &str = "piccolo-apps";
 
 /// Checks an application volume id: `[a-z0-9][a-z0-9-]{0,62}`, not a reserved id.
 pub fn validate_app_volume_id(id: &str) -> Result<()> {
@@ -418,7 +425,8 @@ impl Persistence {
             let created = blocking(move || Ok(Keyset::create(&dir, &password, kdf)?)).await?;
             for id in [BOOTSTRAP, CONTROL] {
                 let key = VolumeKey::derive(&created.sdek, id);
-                self.inner.volumes.create_volume(id, class_of(id), &key).await.map_err(Error::volume("create", id))?;
+                let created = self.inner.volumes.create_volume(id, class_of(id), &key, None).await;
+                created.map_err(Error::volume("create", id))?;
                 let mut rec = self.record_or_new(id, Desired::Mounted)?;
                 rec.observed = Observed::Unmounted;
                 self.write_record(&mut rec)?;
@@ -554,7 +562,8 @@ impl Persistence {
         let existing = journal::read(self.state_dir(), volume_id)?;
         if existing.is_none() {
             let key = VolumeKey::derive(sdek, volume_id);
-            match self.inner.volumes.create_volume(volume_id, VolumeClass::Application, &key).await {
+            let user = self.inner.config.app_volume_user.as_deref();
+            match self.inner.volumes.create_volume(volume_id, VolumeClass::Application, &key, user).await {
                 // The key is derived, not stored: a volume whose journal was lost still opens.
                 Ok(()) | Err(BrokerError::AlreadyExists(_)) => {}
                 Err(e) => return Err(Error::volume("create", volume_id)(e)),

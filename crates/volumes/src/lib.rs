@@ -22,7 +22,10 @@
 //! mounts/                     0755 root
 //!   <id>/                     0700 owner  empty unless mounted
 //! ```
-//! The owner is the user that created the volume; only it may mount it. gocryptfs runs as
+//! The owner is the user that created the volume; only it may mount it. A volume may be
+//! created *presented* as another user (application volumes: created and mounted by the
+//! persistence owner, which holds the keys, used by the apps worker): `data/`, the
+//! mountpoint and every file then appear as that user's, recorded in the metadata. gocryptfs runs as
 //! root with `-allow_other` (so other users can reach the mount at all, and the kernel
 //! checks permissions with `default_permissions`) and then creates every file as the
 //! calling user (per-thread setreuid, which needs CAP_SETUID/CAP_SETGID), so the ciphertext
@@ -68,7 +71,8 @@ pub struct Status {
     pub pid: Option<u32>,
     /// Mounted but no gocryptfs serves it (killed): the mount is dead and needs repair.
     pub needs_repair: bool,
-    /// The uid files are presented as (from the serving process; unmounted: the owner).
+    /// The uid files are presented as (from the serving process; unmounted: the recorded
+    /// presented user, else the owner).
     pub owner_uid: Option<u32>,
 }
 
@@ -160,6 +164,20 @@ impl Volumes {
     /// directory, the metadata beside it, then one rename into `ciphertext/<id>` (all
     /// fsynced), so a crash leaves either no volume or a complete one.
     pub fn create(&self, id: &VolumeId, class: Class, key: &Key, uid: u32, gid: u32) -> Result<(), Error> {
+        self.create_presented(id, class, key, (uid, gid), None)
+    }
+
+    /// [`Volumes::create`] with the files presented as `presented` (uid, gid) when mounted
+    /// (`None`: the owner). The owner alone may mount it; `data/` and the mountpoint belong
+    /// to the presented user, so files it creates through the mount are its own.
+    pub fn create_presented(
+        &self,
+        id: &VolumeId,
+        class: Class,
+        key: &Key,
+        (uid, gid): (u32, u32),
+        presented: Option<(u32, u32)>,
+    ) -> Result<(), Error> {
         class.check_id(id)?;
         let _g = self.guard();
         self.ensure_layout()?;
@@ -185,9 +203,12 @@ impl Volumes {
                 let p = data.join(f);
                 std::fs::File::open(&p).and_then(|f| f.sync_all()).map_err(Error::io("fsync", &p))?;
             }
-            std::os::unix::fs::chown(&data, Some(uid), Some(gid)).map_err(Error::io("chown", &data))?;
+            let (puid, pgid) = presented.unwrap_or((uid, gid));
+            std::os::unix::fs::chown(&data, Some(puid), Some(pgid)).map_err(Error::io("chown", &data))?;
             fsync_dir(&data)?;
-            Meta::new(id, class, key, uid, gid).write(&staging)?;
+            let mut meta = Meta::new(id, class, key, uid, gid);
+            meta.presented = presented.filter(|p| *p != (uid, gid));
+            meta.write(&staging)?;
             std::fs::rename(&staging, &dir).map_err(Error::io("rename", &dir))?;
             fsync_dir(&parent)
         })();
@@ -197,7 +218,8 @@ impl Volumes {
         result
     }
 
-    /// Mounts volume `id` for its owner `uid` and returns the mountpoint and gocryptfs pid.
+    /// Mounts volume `id` for its owner `uid` (files presented as the recorded presented
+    /// user, else the owner) and returns the mountpoint and gocryptfs pid.
     ///
     /// Another uid is [`Error::NotOwner`]. The key is checked against the metadata first,
     /// then gocryptfs checks it again (a wrong password exits 12); either way
@@ -214,20 +236,20 @@ impl Volumes {
         if !meta.key_matches(key, id) {
             return Err(Error::WrongKey);
         }
-        let gid = meta.owner_gid;
+        let (puid, pgid) = meta.presented_as();
         self.ensure_layout()?;
         let mnt = self.mountpoint(id);
         let data = self.data_dir(id);
         let st = self.observe(id, &meta);
         if st.mounted && !st.needs_repair {
             return match st.owner_uid {
-                Some(o) if o == uid => Ok((mnt, st.pid)),
+                Some(o) if o == puid => Ok((mnt, st.pid)),
                 o => Err(Error::MountedForOther { id: id.to_string(), owner: o.unwrap_or(u32::MAX) }),
             };
         }
         self.detach(id, &st)?;
-        prepare_mountpoint(&mnt, uid, gid)?;
-        if let Err(e) = self.runner.mount(&data, &mnt, uid, gid, key) {
+        prepare_mountpoint(&mnt, puid, pgid)?;
+        if let Err(e) = self.runner.mount(&data, &mnt, puid, pgid, key) {
             // Whatever half-happened (a timeout, a daemon that mounted late) is undone.
             let st = self.observe(id, &meta);
             let _ = self.detach(id, &st);
@@ -274,7 +296,7 @@ impl Volumes {
         let data = self.data_dir(id);
         let mounted = observe::mounts_on(&mnt).iter().any(|m| m.fstype == observe::FSTYPE);
         let daemon = observe::daemons(&data, &mnt).into_iter().next();
-        let owner_uid = daemon.as_ref().and_then(|d| d.owner_uid).or(Some(meta.owner_uid));
+        let owner_uid = daemon.as_ref().and_then(|d| d.owner_uid).or(Some(meta.presented_as().0));
         Status {
             id: id.clone(),
             class: meta.class,

@@ -39,6 +39,11 @@ pub struct Meta {
     pub owner_uid: u32,
     /// The owning user's primary gid at creation.
     pub owner_gid: u32,
+    /// The user the files are presented as when another than the owner (an application
+    /// volume the persistence owner creates and mounts for the apps worker). Absent: the
+    /// owner. Only the owner may mount; the mount and its files appear as this uid:gid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presented: Option<(u32, u32)>,
     /// RFC 3339 UTC.
     pub created: String,
     /// Hex HMAC-SHA256 key check.
@@ -78,7 +83,21 @@ impl Meta {
     pub fn new(id: &VolumeId, class: Class, key: &Key, owner_uid: u32, owner_gid: u32) -> Meta {
         let created =
             time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
-        Meta { format: FORMAT, id: id.to_string(), class, owner_uid, owner_gid, created, key_check: key_check(key, id) }
+        Meta {
+            format: FORMAT,
+            id: id.to_string(),
+            class,
+            owner_uid,
+            owner_gid,
+            presented: None,
+            created,
+            key_check: key_check(key, id),
+        }
+    }
+
+    /// The uid:gid the mount presents files as: [`Meta::presented`], else the owner.
+    pub fn presented_as(&self) -> (u32, u32) {
+        self.presented.unwrap_or((self.owner_uid, self.owner_gid))
     }
 
     /// Compares the key check in constant time.
@@ -178,6 +197,11 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let back = Meta::read(d.path(), &id).unwrap();
         assert_eq!((back.class, back.owner_uid, back.owner_gid), (Class::Application, 5, 6));
+        assert_eq!((back.presented, back.presented_as()), (None, (5, 6)));
+        let mut p = m.clone();
+        p.presented = Some((8, 9));
+        p.write(d.path()).unwrap();
+        assert_eq!(Meta::read(d.path(), &id).unwrap().presented_as(), (8, 9));
         assert!(matches!(Meta::read(d.path(), &VolumeId::parse("app-b").unwrap()), Err(Error::Metadata { .. })));
         std::fs::write(d.path().join(META_FILE), "{\"format\":2}").unwrap();
         assert!(matches!(Meta::read(d.path(), &id), Err(Error::Metadata { .. })));

@@ -217,6 +217,8 @@ impl VolumeBackend for LocalGocryptfs {
         id: &'a str,
         _class: VolumeClass,
         key: &'a VolumeKey,
+        // Ownership is the broker's business; this root stand-in presents files as root.
+        _present_as: Option<&'a str>,
     ) -> BoxFuture<'a, Result<(), BrokerError>> {
         Box::pin(async move { self.create(id, key) })
     }
