@@ -28,10 +28,37 @@ struct Api {
 }
 
 impl Api {
-    fn start(broker: &Path, updater: &Path) -> Api {
+    /// A state dir laid out as tmpfiles.d does in production: the dir and the broker's
+    /// `ciphertext/`, `mounts/` root's; `crypto/`, `volumes/`, `exports/` and the runtime dir
+    /// piccolo-api's. Made before the broker, which is told to use it.
+    fn prepare() -> tempfile::TempDir {
+        use std::os::unix::fs::PermissionsExt;
+        updater_rig::system_users();
         let dir = tempfile::Builder::new().prefix("piccolo-api-updates-").tempdir().unwrap();
         let u = nix::unistd::User::from_name("piccolo-api").unwrap().expect("user piccolo-api");
-        nix::unistd::chown(dir.path(), Some(u.uid), Some(u.gid)).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::create_dir(dir.path().join("state")).unwrap();
+        std::fs::set_permissions(dir.path().join("state"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        for sub in ["state/crypto", "state/volumes", "state/exports", "run"] {
+            let p = dir.path().join(sub);
+            std::fs::create_dir(&p).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700)).unwrap();
+            nix::unistd::chown(&p, Some(u.uid), Some(u.gid)).unwrap();
+        }
+        dir
+    }
+
+    /// The broker policy and configuration the persistence owner needs on the rig's broker.
+    fn broker_extras(dir: &Path) -> (String, String) {
+        let policy = "\n[[rule]]\nrpcs = [\"CreateVolume\", \"MountVolume\", \"UnmountVolume\", \"VolumeStatus\"]\n\
+                      users = [\"piccolo-api\"]\nvolumes = [\"control\", \"bootstrap\"]\n\
+                      reason = \"test: the API worker owns persistence\"\n";
+        let config = format!("[volumes]\nstate_dir = {:?}\n", dir.join("state").display().to_string());
+        (policy.to_string(), config)
+    }
+
+    fn start(dir: tempfile::TempDir, broker: &Path, updater: &Path) -> Api {
+        let u = nix::unistd::User::from_name("piccolo-api").unwrap().expect("user piccolo-api");
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let log = std::fs::File::create(dir.path().join("api.log")).unwrap();
@@ -203,8 +230,10 @@ fn updates_through_the_api() {
     let open = (m + 120) % 1440;
     let hhmm = |x: u64| format!("{:02}:{:02}", x / 60, x % 60);
     let (ws, we) = (hhmm(open), hhmm((open + 1) % 1440));
-    let mut r = Rig::start(Some((&ws, &we)));
-    let api = Api::start(&r.broker.socket, &r.updater.socket);
+    let dir = Api::prepare();
+    let (policy, config) = Api::broker_extras(dir.path());
+    let mut r = Rig::start_with(Some((&ws, &we)), &policy, &config);
+    let api = Api::start(dir, &r.broker.socket, &r.updater.socket);
 
     // First run, login.
     let code = std::fs::read_to_string(api.dir.path().join("run/setup-code")).unwrap();

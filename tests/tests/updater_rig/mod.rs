@@ -61,17 +61,23 @@ pub fn available(rig_payload: &std::path::Path, version: &str) -> Value {
 
 impl Rig {
     pub fn start(window: Option<(&str, &str)>) -> Rig {
+        Rig::start_with(window, "", "")
+    }
+
+    /// As [`Rig::start`], with `extra_policy` appended to [`POLICY`] and `extra_config` to
+    /// the broker's configuration (e.g. `[volumes]` for a persistence owner on the same broker).
+    pub fn start_with(window: Option<(&str, &str)>, extra_policy: &str, extra_config: &str) -> Rig {
         system_users();
         let dir = tempfile::tempdir().unwrap();
         let img = os_image(dir.path(), "os.img", 64, 4, 16);
         let reboots = dir.path().join("reboots");
         let tpm = Swtpm::start();
         let broker = Broker::start(BrokerOptions {
-            policy: POLICY.into(),
+            policy: format!("{POLICY}{extra_policy}"),
             socket_group: Some("piccolo-broker".into()),
             audit_group: Some("piccolo-audit".into()),
             extra_config: format!(
-                "[tpm]\ntcti = {:?}\n[boot]\nos_disk = {:?}\nbooted_slot = \"A\"\nreboot_record = {:?}\n",
+                "[tpm]\ntcti = {:?}\n[boot]\nos_disk = {:?}\nbooted_slot = \"A\"\nreboot_record = {:?}\n{extra_config}",
                 tpm.tcti(),
                 img.display().to_string(),
                 reboots.display().to_string()
