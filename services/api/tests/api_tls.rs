@@ -21,6 +21,8 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde_json::json;
 
+mod common;
+
 const PASSWORD: &str = "first password 1";
 
 fn free_port() -> u16 {
@@ -41,20 +43,9 @@ impl Proc {
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("api.log")).unwrap_or_default()
     }
-    fn setup_code(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("run/setup-code")).unwrap().trim().to_string()
-    }
     /// The fingerprint the worker printed for its self-signed certificate.
     fn fingerprint(&self) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let log = self.log();
-            if let Some(fp) = log.split("SHA-256 fingerprint ").nth(1) {
-                return fp.split_whitespace().next().unwrap().to_string();
-            }
-            assert!(Instant::now() < deadline, "no fingerprint printed: {log}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        printed_fingerprint(&|| self.log())
     }
     /// Waits for the process to exit; its status.
     fn wait_exit(&mut self) -> std::process::ExitStatus {
@@ -73,6 +64,28 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The fingerprint a worker printed for its self-signed certificate (waits for it).
+fn printed_fingerprint(log: &dyn Fn() -> String) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = log();
+        if let Some(fp) = log.split("SHA-256 fingerprint ").nth(1) {
+            return fp.split_whitespace().next().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "no fingerprint printed: {log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until `a` accepts connections.
+fn wait_port(a: SocketAddr, log: &dyn Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(a).is_err() {
+        assert!(Instant::now() < deadline, "piccolo-api did not listen on {a}: {}", log());
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -254,11 +267,15 @@ fn pem(label: &str, der: &[u8]) -> String {
 
 #[test]
 fn self_signed_https_pinned_login_sets_secure_cookie_and_plain_http_does_not() {
-    let (hp, sp) = (free_port(), free_port());
-    let api = spawn(&[], &["--listen".into(), addr(hp).to_string(), "--listen-tls".into(), addr(sp).to_string()]);
-    wait_connectable(&api, addr(hp));
-    wait_connectable(&api, addr(sp));
-    let fp = api.fingerprint();
+    // Setup needs the whole stack (broker, gocryptfs volumes, the worker as piccolo-api).
+    let sp = free_port();
+    let api = common::Api::start_opts(common::StackOptions {
+        api_args: vec!["--listen-tls".into(), addr(sp).to_string()],
+        ..Default::default()
+    });
+    let hp = api.addr.port();
+    wait_port(addr(sp), &|| api.log());
+    let fp = printed_fingerprint(&|| api.log());
     rt().block_on(async {
         let tls = || Some((pinned_client(&fp), "localhost"));
         let r = request(addr(sp), tls(), "GET", "/api/v1/health/live", &[], None).await.unwrap();
