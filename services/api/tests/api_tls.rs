@@ -114,11 +114,7 @@ fn spawn(wrapper: &[String], extra: &[String]) -> Proc {
 }
 
 fn wait_connectable(p: &Proc, a: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(a).is_err() {
-        assert!(Instant::now() < deadline, "piccolo-api did not start: {}", p.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_port(a, &|| p.log());
 }
 
 /// Accepts exactly the certificate whose SHA-256 is `fingerprint` (signatures still checked).
