@@ -23,6 +23,9 @@ use crate::secret::{Password, Sdek, Secret};
 
 /// Where the key set lives, relative to the state dir.
 pub const KEYSET_RELATIVE_PATH: &str = "crypto/keyset.json";
+/// Where first-run setup keeps its key set until the volumes it protects exist
+/// ([`Keyset::create_pending`]); [`Keyset::commit_pending`] moves it to [`KEYSET_RELATIVE_PATH`].
+pub const PENDING_KEYSET_RELATIVE_PATH: &str = "crypto/keyset.setup.json";
 /// A key set larger than this is refused before parsing.
 pub(crate) const MAX_KEYSET_BYTES: u64 = 256 * 1024;
 
@@ -90,9 +93,61 @@ impl Keyset {
     /// Creates `crypto/keyset.json` with a new random SDEK, a password wrap and a recovery wrap.
     /// Refuses to overwrite an existing key set.
     pub fn create(state_dir: &Path, password: &Password, params: KdfParams) -> Result<CreatedKeyset> {
+        Keyset::create_at(keyset_path(state_dir), state_dir, password, params)
+    }
+
+    /// Like [`Keyset::create`], but at [`PENDING_KEYSET_RELATIVE_PATH`]: first-run setup writes
+    /// the key set here, creates the volumes under its SDEK, then commits it. A setup that
+    /// fails half-way leaves no `keyset.json` (the box is still "not set up") and a retry with
+    /// the same password finds the SDEK the volumes were created under.
+    pub fn create_pending(state_dir: &Path, password: &Password, params: KdfParams) -> Result<CreatedKeyset> {
+        if keyset_path(state_dir).exists() {
+            return Err(Error::KeysetExists { path: keyset_path(state_dir) });
+        }
+        Keyset::create_at(state_dir.join(PENDING_KEYSET_RELATIVE_PATH), state_dir, password, params)
+    }
+
+    /// The pending key set of an interrupted setup, if any.
+    pub fn read_pending(state_dir: &Path) -> Result<Option<Keyset>> {
+        let path = state_dir.join(PENDING_KEYSET_RELATIVE_PATH);
+        match fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(Error::ReadKeyset { path, source }),
+            Ok(_) => Keyset::read_file(&path).map(Some),
+        }
+    }
+
+    /// Removes the pending key set of an interrupted setup (nothing was ever committed under it).
+    pub fn discard_pending(state_dir: &Path) -> Result<()> {
+        let path = state_dir.join(PENDING_KEYSET_RELATIVE_PATH);
+        let write_err = |source| Error::WriteKeyset { path: path.clone(), source };
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(write_err(e)),
+            Ok(()) => fsync_dir(path.parent().unwrap_or(state_dir)).map_err(write_err),
+        }
+    }
+
+    /// Makes a pending key set the key set: link to `keyset.json` (which must not exist, so a
+    /// concurrent or finished setup is never overwritten), drop the pending name, fsync the
+    /// directory. A crash in between leaves both names on one file; [`Keyset::read_pending`]
+    /// then finds a pending set whose commit already happened, and setup refuses as set up.
+    pub fn commit_pending(&mut self, state_dir: &Path) -> Result<()> {
+        let path = keyset_path(state_dir);
+        let write_err = |source| Error::WriteKeyset { path: path.clone(), source };
+        fs::hard_link(&self.path, &path).map_err(|source| match source.kind() {
+            io::ErrorKind::AlreadyExists => Error::KeysetExists { path: path.clone() },
+            _ => write_err(source),
+        })?;
+        fs::remove_file(&self.path).map_err(write_err)?;
+        fsync_dir(path.parent().unwrap_or(state_dir)).map_err(write_err)?;
+        self.path = path;
+        Ok(())
+    }
+
+    fn create_at(path: PathBuf, state_dir: &Path, password: &Password, params: KdfParams) -> Result<CreatedKeyset> {
         password.check_new()?;
         params.validate()?;
-        let path = keyset_path(state_dir);
         let sdek = Sdek::generate()?;
         let recovery_key = RecoveryKey::generate()?;
         let (kdf, password_wrap) = wrap_password(&sdek, password, params)?;

@@ -74,6 +74,9 @@ pub use archive::{
 pub use error::{Error, Result};
 pub use format::{KEYSET_FORMAT, KEYSET_VERSION, MAX_TPM_BLOB_BYTES};
 pub use kdf::KdfParams;
-pub use keyset::{CreatedKeyset, KEYSET_RELATIVE_PATH, Keyset, PendingRecoveryKey, TpmUnsealError, keyset_path};
+pub use keyset::{
+    CreatedKeyset, KEYSET_RELATIVE_PATH, Keyset, PENDING_KEYSET_RELATIVE_PATH, PendingRecoveryKey, TpmUnsealError,
+    keyset_path,
+};
 pub use recovery::{RECOVERY_ENTROPY_BYTES, RECOVERY_SYMBOLS, RecoveryKey};
 pub use secret::{KEY_LEN, MAX_PASSWORD_BYTES, MIN_NEW_PASSWORD_CHARS, Password, Sdek, Secret};

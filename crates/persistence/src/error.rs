@@ -25,6 +25,17 @@ pub enum Error {
     /// Setup found an existing key set.
     #[error("persistence is already set up (a key set exists)")]
     AlreadySetUp,
+    /// Setup cannot resume an earlier attempt: its volumes exist, but the password given does
+    /// not open that attempt's pending key set (or the key set is gone).
+    #[error(
+        "an earlier setup attempt created volume(s) {} under another password: retry setup with that \
+         password, or remove them as root (ciphertext/<id>; a setup that never finished holds no data)",
+        volumes.join(", ")
+    )]
+    SetupInterrupted {
+        /// The volumes the earlier attempt created.
+        volumes: Vec<String>,
+    },
     /// Unlock found no key set: run setup (or import a full export) first.
     #[error("persistence is not set up (no key set)")]
     NotSetUp,

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use piccolo_keyset::{
-    ExportKind, ExportSummary, ImportLimits, ImportReport, KdfParams, Keyset, Password, RecoveryKey, Sdek, Secret,
+    CreatedKeyset, ExportKind, ExportSummary, ImportLimits, ImportReport, KdfParams, Keyset, Password, RecoveryKey,
+    Sdek, Secret,
 };
 use piccolo_store::{CONTROL_DB_NAME, Role, Store};
 use time::OffsetDateTime;
@@ -156,6 +157,11 @@ impl Persistence {
             crate::durable::private_dir(&dir.join("volumes"))
                 .map_err(|source| Error::StateDir { path: dir.join("volumes"), source })?;
             piccolo_keyset::recover_interrupted_import(&dir)?;
+            // A crash inside `commit_pending` leaves the pending name beside the committed key
+            // set; it would keep the first password working after a change, so it goes.
+            if piccolo_keyset::keyset_path(&dir).exists() {
+                Keyset::discard_pending(&dir)?;
+            }
             Ok(())
         })
         .await?;
@@ -412,7 +418,10 @@ impl Persistence {
 
     /// First-time setup: creates the key set under `password`, the bootstrap and control
     /// volumes, mounts them and opens (creates) the store. Returns the recovery key, to be
-    /// shown to the admin once. A failure leaves the state locked.
+    /// shown to the admin once. A failure leaves the state locked and "not set up": the key
+    /// set stays pending (`crypto/keyset.setup.json`) until the volumes are up, so a retry
+    /// with the same password resumes with the same SDEK (and draws a new recovery key, the
+    /// first was never shown).
     pub async fn setup(&self, password: Password) -> Result<RecoveryKey> {
         let mut m = self.inner.machine.lock().await;
         self.require_locked()?;
@@ -421,18 +430,33 @@ impl Persistence {
         }
         self.begin_unlock(UnlockMethod::Setup);
         let result = async {
+            let ids = [BOOTSTRAP.to_string(), CONTROL.to_string()];
+            let mut existing: Vec<String> = self.status_of(&ids).await?.into_keys().collect();
+            existing.sort();
             let (dir, kdf) = (self.state_dir().to_path_buf(), self.inner.config.kdf);
-            let created = blocking(move || Ok(Keyset::create(&dir, &password, kdf)?)).await?;
+            let mut created = blocking(move || open_setup_keyset(&dir, &password, kdf, existing)).await?;
             for id in [BOOTSTRAP, CONTROL] {
                 let key = VolumeKey::derive(&created.sdek, id);
-                let created = self.inner.volumes.create_volume(id, class_of(id), &key, None).await;
-                created.map_err(Error::volume("create", id))?;
+                match self.inner.volumes.create_volume(id, class_of(id), &key, None).await {
+                    // Only a resumed setup gets here with existing volumes; mounting verifies the key.
+                    Ok(()) | Err(BrokerError::AlreadyExists(_)) => {}
+                    Err(e) => return Err(Error::volume("create", id)(e)),
+                }
                 let mut rec = self.record_or_new(id, Desired::Mounted)?;
                 rec.observed = Observed::Unmounted;
                 self.write_record(&mut rec)?;
             }
             self.bring_up(&created.sdek).await?;
-            Ok(created)
+            let dir = self.state_dir().to_path_buf();
+            let committed = blocking(move || {
+                created.keyset.commit_pending(&dir)?;
+                Ok(created)
+            })
+            .await;
+            if committed.is_err() {
+                let _ = self.quiesce(false).await;
+            }
+            committed
         }
         .await;
         match result {
@@ -825,6 +849,28 @@ impl Persistence {
         self.set_state(LockState::Locked);
         self.emit(Event::Locked { reason: LockReason::Import });
         result
+    }
+}
+
+/// The key set a setup runs under: the pending one of an interrupted attempt when `password`
+/// opens it, else a new pending one. `existing` are the setup volumes the broker already has;
+/// they were created under the pending key set's SDEK, so without it they cannot be reused.
+fn open_setup_keyset(dir: &Path, password: &Password, kdf: KdfParams, existing: Vec<String>) -> Result<CreatedKeyset> {
+    match Keyset::read_pending(dir)? {
+        Some(mut keyset) => match keyset.unlock_with_password(password) {
+            Ok(sdek) => {
+                let recovery_key = keyset.rotate_recovery_key(&sdek)?;
+                Ok(CreatedKeyset { keyset, sdek, recovery_key })
+            }
+            Err(piccolo_keyset::Error::WrongPassword) if existing.is_empty() => {
+                Keyset::discard_pending(dir)?;
+                Ok(Keyset::create_pending(dir, password, kdf)?)
+            }
+            Err(piccolo_keyset::Error::WrongPassword) => Err(Error::SetupInterrupted { volumes: existing }),
+            Err(e) => Err(e.into()),
+        },
+        None if !existing.is_empty() => Err(Error::SetupInterrupted { volumes: existing }),
+        None => Ok(Keyset::create_pending(dir, password, kdf)?),
     }
 }
 

@@ -416,3 +416,66 @@ async fn control_export_while_locked_and_import_roll_the_store_back() {
     assert!(p.store().read_app("web").await.unwrap().is_some());
     p.lock().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setup_that_failed_half_way_resumes_with_the_same_password_only() {
+    let fx = Fixture::new();
+    // A real failure after both volumes exist: control's mountpoint cannot be made.
+    std::fs::create_dir_all(fx.state().join("mounts")).unwrap();
+    std::fs::write(fx.mount(CONTROL), b"in the way").unwrap();
+    let p = fx.persistence(Role::Leader, None).await;
+    let err = p.setup(pw(PASSWORD)).await.unwrap_err();
+    assert!(matches!(&err, Error::Volume { step: "mount", volume, .. } if volume == CONTROL), "{err:?}");
+    assert_eq!(p.state(), LockState::Locked);
+    assert!(!p.is_set_up(), "a failed setup must not count as set up");
+    assert!(fx.state().join("ciphertext").join(CONTROL).is_dir());
+    assert!(matches!(p.unlock_with_password(pw(PASSWORD)).await, Err(Error::NotSetUp)));
+    drop(p);
+
+    // After a restart: another password cannot take over the volumes the first attempt made.
+    std::fs::remove_file(fx.mount(CONTROL)).unwrap();
+    let p = fx.persistence(Role::Leader, None).await;
+    let err = p.setup(pw("a different password entirely")).await.unwrap_err();
+    match &err {
+        Error::SetupInterrupted { volumes } => assert_eq!(volumes, &[BOOTSTRAP.to_string(), CONTROL.to_string()]),
+        other => panic!("expected SetupInterrupted, got {other:?}"),
+    }
+    assert!(err.to_string().contains("retry setup with that password"), "{err}");
+    assert!(!p.is_set_up());
+
+    // The same password resumes, with a fresh recovery key that works.
+    let recovery = p.setup(pw(PASSWORD)).await.unwrap();
+    assert_eq!(p.state(), LockState::Unlocked);
+    assert!(p.is_set_up());
+    assert!(!fx.state().join(piccolo_keyset::PENDING_KEYSET_RELATIVE_PATH).exists());
+    p.store().write_app("admin", marker_app()).await.unwrap();
+    p.lock().await.unwrap();
+    p.unlock_with_recovery_key(recovery.expose_secret().to_string()).await.unwrap();
+    assert!(p.store().read_app("web").await.unwrap().is_some());
+    assert!(matches!(p.setup(pw(PASSWORD)).await, Err(Error::NotLocked { .. })));
+    p.lock().await.unwrap();
+    assert!(matches!(p.setup(pw(PASSWORD)).await, Err(Error::AlreadySetUp)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setup_that_failed_before_any_volume_starts_over_with_any_password() {
+    let fx = Fixture::new();
+    // The first volume cannot be created: `ciphertext` is a file.
+    std::fs::write(fx.state().join("ciphertext"), b"in the way").unwrap();
+    let p = fx.persistence(Role::Leader, None).await;
+    let err = p.setup(pw(PASSWORD)).await.unwrap_err();
+    assert!(matches!(&err, Error::Volume { step: "create", volume, .. } if volume == BOOTSTRAP), "{err:?}");
+    assert!(fx.state().join(piccolo_keyset::PENDING_KEYSET_RELATIVE_PATH).exists());
+    assert!(!p.is_set_up());
+
+    std::fs::remove_file(fx.state().join("ciphertext")).unwrap();
+    let other = "another admin password";
+    p.setup(pw(other)).await.unwrap();
+    p.lock().await.unwrap();
+    assert!(matches!(
+        p.unlock_with_password(pw(PASSWORD)).await,
+        Err(Error::Keyset(piccolo_keyset::Error::WrongPassword))
+    ));
+    p.unlock_with_password(pw(other)).await.unwrap();
+    p.lock().await.unwrap();
+}

@@ -146,6 +146,7 @@ impl From<piccolo_persistence::Error> for ApiError {
             E::NotLocked { state } => ApiError::Busy(format!("the control store is {state}")),
             E::AlreadySetUp => ApiError::AlreadyInitialised,
             E::NotSetUp => ApiError::SetupRequired,
+            e @ E::SetupInterrupted { .. } => ApiError::Busy(e.to_string()),
             E::Keyset(k) => ApiError::from(k),
             E::Store(s) => ApiError::from(s),
             e @ (E::Volume { .. } | E::Tpm { .. } | E::TpmUnavailable) => {
