@@ -59,6 +59,11 @@ pub trait AuditArgs {
     fn constraint(&self) -> Option<String> {
         None
     }
+    /// The user a created volume is to be presented as (CreateVolume only): a second argument
+    /// the policy constrains, checked with the constraint.
+    fn present_as(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Runs a unary RPC through the guard.
@@ -72,8 +77,28 @@ where
     let identity = Identity::of_request(&req)?;
     let msg = req.into_inner();
     let args = msg.audit_args();
-    let constraint = msg.constraint();
-    run(ctx, rpc, identity, args, constraint, move |ctx, id| handler(ctx, id, msg)).await.map(Response::new)
+    let check = Check { constraint: msg.constraint(), present_as: msg.present_as() };
+    spawn_checked(ctx, rpc, identity, args, check, move |ctx, id| handler(ctx, id, msg)).await.map(Response::new)
+}
+
+/// The arguments the policy constrains.
+struct Check {
+    /// Checked against the granting rule's `volumes`/`variables`/... constraint.
+    constraint: Option<String>,
+    /// A user name the granting rule's `present_as` must name (or the caller's own).
+    present_as: Option<String>,
+}
+
+impl Check {
+    fn allows(&self, policy: &Policy, identity: &Identity, rpc: Rpc) -> bool {
+        if !policy.allows(identity, rpc, self.constraint.as_deref()) {
+            return false;
+        }
+        let Some(name) = self.present_as.as_deref().filter(|n| !n.is_empty()) else { return true };
+        // A name that is no user cannot be one the policy names (it resolves users at load).
+        let Ok(Some(user)) = nix::unistd::User::from_name(name) else { return false };
+        policy.allows_present_as(identity, self.constraint.as_deref().unwrap_or_default(), user.uid.as_raw())
+    }
 }
 
 /// The guard itself, for handlers that extract identity and arguments themselves
@@ -91,8 +116,24 @@ where
     F: FnOnce(Shared, Identity) -> Fut + Send + 'static,
     Fut: Future<Output = Result<R, Error>> + Send + 'static,
 {
+    spawn_checked(ctx, rpc, identity, args, Check { constraint, present_as: None }, handler).await
+}
+
+async fn spawn_checked<R, F, Fut>(
+    ctx: &Shared,
+    rpc: Rpc,
+    identity: Identity,
+    args: Value,
+    check: Check,
+    handler: F,
+) -> Result<R, Status>
+where
+    R: Send + 'static,
+    F: FnOnce(Shared, Identity) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<R, Error>> + Send + 'static,
+{
     let ctx = ctx.clone();
-    tokio::spawn(async move { run_inner(ctx, rpc, identity, args, constraint, handler).await })
+    tokio::spawn(async move { run_inner(ctx, rpc, identity, args, check, handler).await })
         .await
         .map_err(|e| Status::from(Error::Internal(e.to_string())))?
 }
@@ -102,7 +143,7 @@ async fn run_inner<R, F, Fut>(
     rpc: Rpc,
     identity: Identity,
     args: Value,
-    constraint: Option<String>,
+    check: Check,
     handler: F,
 ) -> Result<R, Status>
 where
@@ -121,7 +162,7 @@ where
         intent_seq,
     };
 
-    if !ctx.policy().allows(&identity, rpc, constraint.as_deref()) {
+    if !check.allows(&ctx.policy(), &identity, rpc) {
         let status = Status::from(Error::Denied(rpc));
         tracing::info!(rpc = %rpc, uid = identity.uid, "denied");
         let rec = entry(Kind::Call, Decision::Deny, Some(outcome_of(&status)), None);

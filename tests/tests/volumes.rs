@@ -297,12 +297,16 @@ async fn worker_mounts_its_private_volume_and_nothing_leaks() {
         .arg(&data)
         .arg(plain.path())
         .stdin(Stdio::piped())
+        // The daemon outlives this call: it must not hold the test's stdout open.
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     std::io::Write::write_all(&mut child.stdin.take().unwrap(), format!("{key_hex}\n").as_bytes()).unwrap();
     assert!(child.wait().unwrap().success());
     let got = std::fs::read_to_string(plain.path().join("secret.txt"));
-    let _ = Command::new("fusermount3").arg("-u").arg(plain.path()).status();
+    // Lazy: a busy mount (a straggling reader) must not outlive the test either.
+    let _ = Command::new("fusermount3").arg("-uz").arg(plain.path()).status();
     assert_eq!(got.unwrap(), marker);
 }
 
@@ -357,15 +361,16 @@ async fn shipped_policy_denies_foreign_ids_and_audits_it() {
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     let e = mount(&mut apps, "app-a", &key).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
-    // present_as names piccolo-apps for app-* only: any other user, or control presented as
-    // piccolo-apps, is refused before anything is created.
+    // present_as names piccolo-apps for app-* only: any other user, a user that does not
+    // exist, or bootstrap presented as piccolo-apps, is refused by the guard (audited as a
+    // deny) before anything is created.
     let e = create_as(&mut api, "app-b", VolumeClass::Application, &key, "piccolo-remote").await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     let e = create_as(&mut api, "bootstrap", VolumeClass::Bootstrap, &key, "piccolo-apps").await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert!(!state(&b).join("ciphertext/bootstrap").exists());
     let e = create_as(&mut api, "app-b", VolumeClass::Application, &key, "no-such-user-x").await.unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     let e = create(&mut remote, "app-b", VolumeClass::Application, &key).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     let e = status(&mut remote, "control").await.unwrap_err();
@@ -388,8 +393,12 @@ async fn shipped_policy_denies_foreign_ids_and_audits_it() {
     assert!(recs.iter().any(|r| r["rpc"] == "CreateVolume"
         && r["args"]["volume_id"] == "app-b"
         && r["args"]["present_as"] == "piccolo-remote"
-        && r["kind"] == "outcome"
+        && r["decision"] == "deny"
         && r["outcome"]["code"] == "PERMISSION_DENIED"));
+    assert!(
+        !recs.iter().any(|r| r["rpc"] == "CreateVolume" && r["args"]["volume_id"] == "app-b" && r["kind"] == "intent"),
+        "a refused present_as never reaches an intent record"
+    );
 
     // Root sees every volume, with its class.
     let mut root = client(&b, "root").await;

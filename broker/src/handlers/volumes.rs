@@ -111,6 +111,9 @@ impl AuditArgs for CreateArgs {
     fn constraint(&self) -> Option<String> {
         Some(self.volume_id.clone())
     }
+    fn present_as(&self) -> Option<String> {
+        Some(self.present_as.clone())
+    }
 }
 
 /// `MountVolumeRequest` with its key moved into a zeroizing buffer.
@@ -185,23 +188,19 @@ impl VolumesSvc {
 impl Volumes for VolumesSvc {
     async fn create_volume(&self, req: Request<CreateVolumeRequest>) -> Result<Response<CreateVolumeResponse>, Status> {
         let vols = self.vols.clone();
-        guard(&self.ctx, Rpc::CreateVolume, req.map(CreateArgs::from), |ctx, who, r| async move {
+        guard(&self.ctx, Rpc::CreateVolume, req.map(CreateArgs::from), |_, who, r| async move {
             blocking(move || {
                 let id = VolumeId::parse(&r.volume_id)?;
                 let class = class_of(r.class)?;
                 let key = Key::from_slice(&r.key)?;
-                // The presented user is a second argument the policy constrains: the rule
-                // that granted this id must name it in `present_as` (the caller itself is
-                // always allowed). Checked before anything is created.
+                // The guard has checked `present_as` against the policy; the user may only
+                // have vanished since, which changes nothing.
                 let presented = if r.present_as.is_empty() {
                     None
                 } else {
                     let u = nix::unistd::User::from_name(&r.present_as).ok().flatten().ok_or_else(|| {
                         Error::InvalidArgument(format!("present_as: no user {:?}", id_arg(&r.present_as)))
                     })?;
-                    if !ctx.policy().allows_present_as(&who, id.as_str(), u.uid.as_raw()) {
-                        return Err(Error::Denied(Rpc::CreateVolume));
-                    }
                     Some((u.uid.as_raw(), u.gid.as_raw()))
                 };
                 vols.create_presented(&id, class, &key, (who.uid, who.gid), presented)?;
