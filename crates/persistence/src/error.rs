@@ -79,6 +79,19 @@ pub enum Error {
         /// `$PICCOLO_STATE_DIR/mounts/<id>`.
         expected: PathBuf,
     },
+    /// The broker reports a volume mounted, but this process's mount namespace shows no FUSE
+    /// mount there (broken mount propagation into a sandboxed unit). Nothing is written
+    /// through it: it would land in plaintext on the state file system.
+    #[error(
+        "volume {volume} is mounted by the broker but not visible at {mountpoint} in this process's mount \
+         namespace (check the unit's mount propagation)"
+    )]
+    MountNotVisible {
+        /// The volume id.
+        volume: String,
+        /// The canonical mountpoint.
+        mountpoint: PathBuf,
+    },
     /// A volume id is not `[a-z0-9][a-z0-9-]*` or is reserved for this call.
     #[error("invalid volume id {id:?}: {reason}")]
     InvalidVolumeId {

@@ -32,6 +32,7 @@ mod grpc;
 mod journal;
 mod keys;
 mod machine;
+mod mounts;
 
 pub use broker::{BrokerError, SealBackend, VolumeBackend, VolumeClass, VolumeInfo};
 pub use error::{Error, Result};

@@ -307,10 +307,14 @@ impl Persistence {
     fn check_mountpoint(&self, id: &str, found: PathBuf) -> Result<PathBuf> {
         let expected = self.expected_mountpoint(id);
         let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-        if canon(&found) == canon(&expected) {
-            Ok(found)
-        } else {
-            Err(Error::UnexpectedMountpoint { volume: id.to_string(), found, expected })
+        let here = canon(&expected);
+        if canon(&found) != here {
+            return Err(Error::UnexpectedMountpoint { volume: id.to_string(), found, expected });
+        }
+        match crate::mounts::is_fuse_mount_here(&here) {
+            Ok(true) => Ok(found),
+            Ok(false) => Err(Error::MountNotVisible { volume: id.to_string(), mountpoint: here }),
+            Err(source) => Err(Error::StateDir { path: "/proc/self/mountinfo".into(), source }),
         }
     }
 
@@ -598,7 +602,7 @@ impl Persistence {
         self.write_record(&mut rec)?;
         let status = self.status_of(&[volume_id.to_string()]).await?;
         if let Some(info) = status.get(volume_id).filter(|i| i.mounted && !i.needs_repair) {
-            return Ok(info.mountpoint.clone());
+            return self.check_mountpoint(volume_id, info.mountpoint.clone());
         }
         self.mount_one(sdek, &mut rec, status.get(volume_id)).await
     }

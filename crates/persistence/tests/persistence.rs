@@ -479,3 +479,31 @@ async fn a_setup_that_failed_before_any_volume_starts_over_with_any_password() {
     p.unlock_with_password(pw(other)).await.unwrap();
     p.lock().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_this_process_cannot_see_is_refused_before_the_store_opens() {
+    let fx = Fixture::new();
+    let p = fx.persistence(Role::Leader, None).await;
+    p.setup(pw(PASSWORD)).await.unwrap();
+    p.store().write_app("admin", marker_app()).await.unwrap();
+    p.lock().await.unwrap();
+
+    // The backend now mounts in a private namespace: it reports success, but here
+    // mounts/control is the bare directory on the state file system.
+    fx.backend.hide_mounts.store(true, std::sync::atomic::Ordering::SeqCst);
+    let err = p.unlock_with_password(pw(PASSWORD)).await.unwrap_err();
+    fx.backend.kill_hidden();
+    match &err {
+        Error::MountNotVisible { volume, .. } => assert_eq!(volume, CONTROL),
+        other => panic!("expected MountNotVisible, got {other:?}"),
+    }
+    assert!(err.to_string().contains("mount propagation"), "{err}");
+    assert_eq!(p.state(), LockState::Locked);
+    assert_eq!(entries(&fx.mount(CONTROL)), Vec::<String>::new(), "nothing was written into the bare mountpoint");
+    fx.assert_locked_invariant(&[]);
+
+    fx.backend.hide_mounts.store(false, std::sync::atomic::Ordering::SeqCst);
+    p.unlock_with_password(pw(PASSWORD)).await.unwrap();
+    assert!(p.store().read_app("web").await.unwrap().is_some());
+    p.lock().await.unwrap();
+}

@@ -149,7 +149,7 @@ impl From<piccolo_persistence::Error> for ApiError {
             e @ E::SetupInterrupted { .. } => ApiError::Busy(e.to_string()),
             E::Keyset(k) => ApiError::from(k),
             E::Store(s) => ApiError::from(s),
-            e @ (E::Volume { .. } | E::Tpm { .. } | E::TpmUnavailable) => {
+            e @ (E::Volume { .. } | E::Tpm { .. } | E::TpmUnavailable | E::MountNotVisible { .. }) => {
                 tracing::error!(error = %ErrorChain(&e), "broker call failed");
                 // The top-level message names the step and the volume, never a key.
                 ApiError::Unavailable(e.to_string())

@@ -29,6 +29,9 @@ pub fn pw(s: &str) -> Password {
 pub struct LocalGocryptfs {
     state_dir: PathBuf,
     children: Mutex<HashMap<String, Child>>,
+    /// Mount in a private mount namespace of its own (`unshare -m`): the broken propagation a
+    /// sandboxed unit would see. The daemon keeps that namespace alive; see [`Self::kill_hidden`].
+    pub hide_mounts: std::sync::atomic::AtomicBool,
 }
 
 fn failed(code: &str, message: impl Into<String>) -> BrokerError {
@@ -46,7 +49,11 @@ pub fn is_mounted(mp: &Path) -> bool {
 
 impl LocalGocryptfs {
     pub fn new(state_dir: &Path) -> LocalGocryptfs {
-        LocalGocryptfs { state_dir: state_dir.to_path_buf(), children: Mutex::new(HashMap::new()) }
+        LocalGocryptfs {
+            state_dir: state_dir.to_path_buf(),
+            children: Mutex::new(HashMap::new()),
+            hide_mounts: Default::default(),
+        }
     }
 
     fn cipher(&self, id: &str) -> PathBuf {
@@ -93,12 +100,42 @@ impl LocalGocryptfs {
         Ok(())
     }
 
+    /// Kills the daemons of hidden mounts (their namespaces go with them).
+    pub fn kill_hidden(&self) {
+        // gocryptfs daemonises by re-executing itself with -notifypid; the visible mounts
+        // (run with -fg by this backend) never carry it.
+        let pattern = format!("gocryptfs -fg -notifypid=.*{}", self.state_dir.display());
+        let _ = Command::new("pkill").arg("-f").arg(pattern).status();
+    }
+
+    fn mount_hidden(&self, dir: &Path, mp: &Path, key: &VolumeKey) -> Result<PathBuf, BrokerError> {
+        let mut child = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "gocryptfs", "-q", "-nosyslog"])
+            .arg(dir)
+            .arg(mp)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| failed("Internal", e.to_string()))?;
+        writeln!(child.stdin.take().unwrap(), "{}", hex::encode(key.expose_secret())).unwrap();
+        // Without -fg gocryptfs exits 0 once the mount is up (in the private namespace).
+        match child.wait().unwrap().success() {
+            true => Ok(mp.to_path_buf()),
+            false => Err(failed("Internal", "hidden gocryptfs mount failed")),
+        }
+    }
+
     fn mount(&self, id: &str, key: &VolumeKey) -> Result<PathBuf, BrokerError> {
         let dir = self.cipher(id);
         if !dir.join("gocryptfs.conf").exists() {
             return Err(BrokerError::NotFound(format!("volume {id}")));
         }
         let mp = self.mountpoint(id);
+        if self.hide_mounts.load(std::sync::atomic::Ordering::SeqCst) {
+            std::fs::create_dir_all(&mp).map_err(|e| failed("Internal", e.to_string()))?;
+            return self.mount_hidden(&dir, &mp, key);
+        }
         if is_mounted(&mp) {
             return Err(failed("FailedPrecondition", format!("volume {id} is already mounted")));
         }
