@@ -85,6 +85,8 @@ st=$(in_ct sh -c "grep -E '^(Uid|CapEff|CapBnd|NoNewPrivs)' /proc/$pid0/status |
 echo "$st"
 uid=$(in_ct id -u piccolo-api)
 check "worker runs as piccolo-api with no capabilities" '[[ "$st" == *"Uid: $uid $uid $uid $uid"* && "$st" == *"CapEff: 0000000000000000"* && "$st" == *"CapBnd: 0000000000000000"* && "$st" == *"NoNewPrivs: 1"* ]]'
+home=$(in_ct getent passwd piccolo-api | cut -d: -f6)
+check "piccolo-api's home is the state dir tmpfiles made ($home)" '[ "$home" = /var/lib/piccolo ] && in_ct test -d "$home"'
 ns=$(in_ct sh -c "echo \$(readlink /proc/1/ns/mnt) \$(readlink /proc/$pid0/ns/mnt)")
 check "worker has its own mount namespace ($ns)" '[ "${ns% *}" != "${ns#* }" ]'
 ro=$(in_ct sh -c "nsenter -t $pid0 -m -S $uid -G $uid sh -c 'touch /var/lib/piccolo/x 2>&1; touch /usr/x 2>&1'")
