@@ -49,10 +49,11 @@ async fn rotation_retires_active_keys_and_prunes_only_long_retired_ones() {
     let check = store.read_journal_verification().await.unwrap();
     assert_eq!(check.rows, head0 + 3, "{check:?}");
 
-    // A rotation that fails (duplicate id) rolls back as a whole: nothing pruned or retired.
+    // A rotation that fails (the active key's id again) rolls back as a whole: c, due for
+    // pruning by now, stays, d stays active, no journal row.
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let head = store.read_head_revision().await.unwrap().unwrap().revision;
-    let err = store.write_signing_key_rotated("admin", "c", "HS256", secret(5), Duration::from_secs(1)).await;
+    let err = store.write_signing_key_rotated("admin", "d", "HS256", secret(5), Duration::from_secs(1)).await;
     assert!(matches!(err, Err(piccolo_store::Error::InvalidInput { .. })), "{err:?}");
     assert_eq!(keys(&store).await, vec![("c".into(), true), ("d".into(), false)]);
     assert_eq!(store.read_head_revision().await.unwrap().unwrap().revision, head);
