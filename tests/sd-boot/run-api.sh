@@ -180,4 +180,5 @@ CHECK
 
 printf '%s\n' "piccolo-broker.service active" "piccolo-api.socket active" "piccolo-api-tls.socket active" \
   > "$set_dir/expect.txt"
-exec bash "$repo/tests/sd-boot/sd-boot-test.sh" "$set_dir"
+# Not exec: the EXIT trap removes the unit-set dir.
+bash "$repo/tests/sd-boot/sd-boot-test.sh" "$set_dir"
