@@ -94,6 +94,15 @@ check "ProtectSystem=strict holds: state dir root and /usr read-only for the wor
 
 api GET /api/v1/health/live
 check "health over the socket-activated port 80" '[ "$code" = 200 ]'
+# Port 443 (piccolo-api-tls.socket): the self-signed certificate the journal names is the
+# one served, and port 80 sends a browser there.
+tls=$(nsenter -t "$INIT_PID" -n curl -sk --max-time 30 -o /dev/null -w '%{http_code}' https://127.0.0.1/api/v1/health/live 2>&1)
+check "health over https on the socket-activated port 443 ($tls)" '[ "$tls" = 200 ]'
+fp_log=$(in_ct journalctl -b -u piccolo-api.service -o cat | sed -nE 's/.*self-signed.*SHA-256 fingerprint ([0-9A-F:]{95}).*/\1/p' | tail -1)
+fp_tls=$(nsenter -t "$INIT_PID" -n openssl s_client -connect 127.0.0.1:443 </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256 | cut -d= -f2)
+check "the served certificate is the one whose fingerprint the journal shows" '[ -n "$fp_log" ] && [ "$fp_log" = "$fp_tls" ]' || echo "journal $fp_log, served $fp_tls"
+redir=$(nsenter -t "$INIT_PID" -n curl -s --max-time 30 -o /dev/null -w '%{http_code} %{redirect_url}' -H 'accept: text/html' http://127.0.0.1/setup 2>&1)
+check "a browser on port 80 is sent to https ($redir)" '[ "$redir" = "307 https://127.0.0.1/setup" ]'
 api GET /api/v1/crypto/status
 check "fresh box: uninitialised" '[ "$code" = 200 ] && [ "$(jq -r .state <<<"$body")" = uninitialised ]'
 check "no volume mounted before setup" '[ -z "$(host_mounts $mp)" ]'
