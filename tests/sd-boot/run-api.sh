@@ -182,6 +182,8 @@ check "login and authenticated GET after the restart (200)" '[ "$code" = 200 ]'
 
 log=$(in_ct journalctl -b -u piccolo-api.service -u piccolo-broker.service -o cat -p warning)
 check "no errors from the worker or the broker in the journal" '! grep -E " ERROR |level=error" <<<"$log"' || echo "$log"
+raw=$(in_ct journalctl -b -u piccolo-api.service -o cat)
+check "the worker's journal lines carry no terminal colour codes" '! grep -q $'"'"'\e\['"'"' <<<"$raw"'
 verify=$(in_ct systemd-analyze verify --man=no /etc/systemd/system/piccolo-api.service /etc/systemd/system/piccolo-api.socket /etc/systemd/system/piccolo-api-tls.socket 2>&1)
 check "systemd-analyze verify is silent inside the container" '[ -z "$verify" ]' || echo "$verify"
 exit $fail
@@ -189,5 +191,40 @@ CHECK
 
 printf '%s\n' "piccolo-broker.service active" "piccolo-api.socket active" "piccolo-api-tls.socket active" \
   > "$set_dir/expect.txt"
-# Not exec: the EXIT trap removes the unit-set dir.
 bash "$repo/tests/sd-boot/sd-boot-test.sh" "$set_dir"
+
+# The same boot with mount propagation cut (a drop-in with MountFlags=private): the worker
+# must refuse to start (services/api/src/mounts.rs) rather than report volumes mounted that
+# it cannot see and put the store in plaintext on the bare mountpoint.
+echo "### variant: piccolo-api.service with MountFlags=private" >&2
+set_dir2=$(mktemp -d /tmp/piccolo-sdboot-api.XXXXXX)
+trap 'rm -rf "$set_dir" "$set_dir2"' EXIT
+cp -r "$set_dir"/. "$set_dir2"/
+rm "$set_dir2/check.sh"
+printf '[Service]\nMountFlags=private\n' > "$set_dir2/files/10-private.conf"
+cat >> "$set_dir2/setup.sh" <<'SETUP'
+install -D -m 0644 "$1/files/10-private.conf" /etc/systemd/system/piccolo-api.service.d/10-private.conf
+SETUP
+cat > "$set_dir2/check.sh" <<'CHECK'
+#!/bin/bash
+set -u
+in_ct() { nsenter -t "$INIT_PID" -a "$@"; }
+fail=0
+check() { if eval "$2"; then echo "ok   $1"; else echo "FAIL $1"; fail=1; fi; }
+log=
+for _ in $(seq 150); do
+  log=$(in_ct journalctl -b -u piccolo-api.service -o cat)
+  grep -q 'is on a private mount' <<<"$log" && break
+  sleep 0.2
+done
+grep -m1 'is on a private mount' <<<"$log" | cut -c1-220
+check "the worker refuses to start on a private mount" 'grep -q "refusing to start" <<<"$log"'
+check "it never served (no READY, no setup code)" '! grep -qE "piccolo-api serving|setup code" <<<"$log"'
+st=$(in_ct systemctl show piccolo-api.service -p ActiveState,ExecMainStatus)
+check "piccolo-api not active ($(tr '\n' ' ' <<<"$st"))" '[[ "$st" != *ActiveState=active* && "$st" != *ExecMainStatus=0* ]]'
+left=$(in_ct find /var/lib/piccolo/mounts /var/lib/piccolo/crypto -mindepth 1 2>&1)
+check "nothing written: no key set, nothing under mounts/" '[ -z "$left" ]' || echo "$left"
+exit $fail
+CHECK
+echo "piccolo-broker.service active" > "$set_dir2/expect.txt"
+bash "$repo/tests/sd-boot/sd-boot-test.sh" "$set_dir2"
