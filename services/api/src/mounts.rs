@@ -7,7 +7,7 @@
 //! process sees the bare directory, and the control store would be created there in
 //! plaintext. `tests/sd-boot/run-api.sh` boots both cases.
 //!
-//! Only checked when systemd started the worker (`INVOCATION_ID` set): outside systemd
+//! Only checked when systemd started the worker (`INVOCATION_ID` set, parent PID 1): outside systemd
 //! (development, tests) the worker shares the broker's namespace, where propagation does
 //! not matter, and hosts without systemd often mount `/` private.
 
@@ -17,7 +17,9 @@ use crate::listen::ListenError;
 
 /// Refuses to start if systemd runs this worker and `dir` sits on a private mount.
 pub fn check(dir: &Path) -> Result<(), ListenError> {
-    if std::env::var_os("INVOCATION_ID").is_none() {
+    // A system service's main process is a child of the manager (PID 1); INVOCATION_ID alone
+    // is also inherited by anything a unit starts, e.g. a test run under a CI service.
+    if std::env::var_os("INVOCATION_ID").is_none() || std::os::unix::process::parent_id() != 1 {
         return Ok(());
     }
     let table = std::fs::read_to_string("/proc/self/mountinfo").map_err(ListenError::MountInfo)?;
