@@ -49,6 +49,7 @@ tmp=$(mktemp -d /tmp/piccolo-sdboot-api-check.XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
 # api METHOD PATH [TOKEN] [JSON]: sets $code and $body (curl in the container's network).
 api() {
+  rm -f "$tmp/body"
   local args=(-sS --max-time 120 -o "$tmp/body" -w '%{http_code}' -X "$1" "http://127.0.0.1$2")
   [ -n "${3:-}" ] && args+=(-H "authorization: Bearer $3")
   [ -n "${4:-}" ] && args+=(-H 'content-type: application/json' --data "$4")
