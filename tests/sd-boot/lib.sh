@@ -31,3 +31,15 @@ install -D -m 0644 "$1/files/tmpfiles.conf" /etc/tmpfiles.d/piccolo.conf
 install -D -m 0644 "$1/files/broker.toml" /etc/piccolo/broker.toml
 SETUP
 }
+
+# stage_host_bins SET_DIR PATH...: copies host binaries (e.g. /usr/bin/gocryptfs) and the
+# shared libraries they link into SET_DIR/files, like stage_unit_set does for piccolo's;
+# call it after stage_unit_set (setup-base.sh installs them with the rest).
+stage_host_bins() {
+  local set_dir=$1 b
+  shift
+  for b in "$@"; do
+    install -m 0755 "$b" "$set_dir/files/bin/$(basename "$b")"
+    ldd "$b" | awk '/=> \//{print $3}' | while read -r lib; do cp -n "$lib" "$set_dir/files/lib/"; done
+  done
+}

@@ -10,7 +10,8 @@
 #   optional expect.txt with lines "UNIT ActiveState" (exit 1 on any mismatch),
 #   and optional check.sh, run on the host while the container is up with
 #   $INIT_PID set (use `nsenter -t "$INIT_PID" -a CMD` to run CMD inside); its
-#   failure fails the run.
+#   failure fails the run; optional nspawn.args, extra systemd-nspawn arguments, one per
+#   line (e.g. --bind=/dev/fuse, --private-network).
 # Needs root, plus: apt-get install -y --no-install-recommends systemd-container debootstrap
 # (Copied from the project notes; the check.sh hook is piccolo's addition.)
 set -euo pipefail
@@ -82,11 +83,13 @@ else                                                                            
   CG_DIRS=(/sys/fs/cgroup/systemd/$NAME)
 fi
 mkdir -p "${CG_DIRS[@]}"
+nspawn_args=()
+if [ -f "$UNIT_DIR/nspawn.args" ]; then mapfile -t nspawn_args < <(grep -v '^\s*$' "$UNIT_DIR/nspawn.args"); fi
 T0=$(date +%s.%N)
 (
   for cg in "${CG_DIRS[@]}"; do echo $BASHPID > "$cg/cgroup.procs"; done
   exec systemd-nspawn -D "$MERGED" --boot --register=no --keep-unit \
-       --console=passive -M "$NAME" >"$WORK/$NAME.console.log" 2>&1 </dev/null
+       --console=passive -M "$NAME" "${nspawn_args[@]}" >"$WORK/$NAME.console.log" 2>&1 </dev/null
 ) &
 NSPAWN_PID=$!
 

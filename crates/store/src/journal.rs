@@ -26,6 +26,8 @@ pub enum ChangeKind {
     SigningKeyWrite,
     /// A JWT signing key was retired.
     SigningKeyRetire,
+    /// One rotation: a new signing key, the active ones retired, long-retired ones deleted.
+    SigningKeyRotate,
     /// A session was created.
     SessionWrite,
     /// A session was revoked.
@@ -46,6 +48,7 @@ impl ChangeKind {
         match self {
             ChangeKind::SigningKeyWrite => "auth.signing_key.write",
             ChangeKind::SigningKeyRetire => "auth.signing_key.retire",
+            ChangeKind::SigningKeyRotate => "auth.signing_key.rotate",
             ChangeKind::SessionWrite => "auth.session.write",
             ChangeKind::SessionRevoke => "auth.session.revoke",
             ChangeKind::SessionPurge => "auth.session.purge",

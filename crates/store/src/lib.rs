@@ -36,7 +36,8 @@ mod store;
 pub use error::{Error, Result};
 pub use journal::{ChangeKind, JournalCheck, MAX_ACTOR_LEN, Revision};
 pub use repos::{
-    AppRecord, AppWrite, MAX_DOCUMENT_BYTES, MAX_NAME_LEN, RemoteConfigRecord, SessionRecord, SigningKey, session_hash,
+    AppRecord, AppWrite, MAX_DOCUMENT_BYTES, MAX_NAME_LEN, RemoteConfigRecord, SessionRecord, SigningKey,
+    SigningKeyRotation, session_hash,
 };
 pub use schema::{BUSY_TIMEOUT, SCHEMA_VERSION, WAL_SIZE_LIMIT_BYTES};
 pub use store::{MaintenanceReport, Store, StoreEvent, error_chain};

@@ -174,6 +174,69 @@ pub(crate) fn write_signing_key_retired(tx: &Transaction<'_>, at: &str, actor: &
     Ok(rev)
 }
 
+/// What [`write_signing_key_rotated`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SigningKeyRotation {
+    /// The one journal row of the rotation.
+    pub revision: Revision,
+    /// Key ids that were active and are retired now.
+    pub retired: Vec<String>,
+    /// Key ids deleted because they were retired before the cutoff.
+    pub pruned: Vec<String>,
+}
+
+/// One rotation in one transaction with one journal row: deletes the keys retired before
+/// `prune_retired_before` (RFC 3339 UTC, the stored format), retires every active key and
+/// adds `key_id`. Pruning comes first, so a key retired by this rotation always survives it.
+pub(crate) fn write_signing_key_rotated(
+    tx: &Transaction<'_>,
+    at: &str,
+    actor: &str,
+    key: (&str, &str, &[u8]),
+    prune_retired_before: &str,
+) -> Result<SigningKeyRotation> {
+    let op = "write_signing_key_rotated";
+    let (key_id, algorithm, secret) = key;
+    check_name(op, "key id", key_id)?;
+    check_name(op, "algorithm", algorithm)?;
+    if secret.is_empty() || secret.len() > 16 * 1024 {
+        return Err(Error::InvalidInput { op, reason: "key material must be 1..=16384 bytes".into() });
+    }
+    let ids = |sql: &str, arg: &str| -> Result<Vec<String>> {
+        let mut stmt = tx.prepare_cached(sql).map_err(Error::query(op))?;
+        let rows = stmt.query_map([arg], |r| r.get::<_, String>(0)).map_err(Error::query(op))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(Error::query(op))
+    };
+    let pruned = ids(
+        "SELECT key_id FROM auth_signing_keys WHERE retired IS NOT NULL AND retired < ?1 ORDER BY key_id",
+        prune_retired_before,
+    )?;
+    let retired =
+        ids("SELECT key_id FROM auth_signing_keys WHERE retired IS NULL AND key_id != ?1 ORDER BY key_id", key_id)?;
+    // Public fields only, as for write_signing_key: the journal never commits to a secret.
+    let digest = payload_digest(op, &(key_id, algorithm, at, &retired, &pruned, prune_retired_before))?;
+    let rev = journal::append(tx, op, at, actor, ChangeKind::SigningKeyRotate, key_id, digest)?;
+    tx.execute("DELETE FROM auth_signing_keys WHERE retired IS NOT NULL AND retired < ?1", [prune_retired_before])
+        .map_err(Error::query(op))?;
+    tx.execute(
+        "UPDATE auth_signing_keys SET retired = ?1, revision = ?2 WHERE retired IS NULL",
+        params![at, rev_i64(&rev)],
+    )
+    .map_err(Error::query(op))?;
+    tx.execute(
+        "INSERT INTO auth_signing_keys (key_id, algorithm, secret, created, retired, revision)
+         VALUES (?1, ?2, ?3, ?4, NULL, ?5)",
+        params![key_id, algorithm, secret, at, rev_i64(&rev)],
+    )
+    .map_err(|source| match source.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::ConstraintViolation) => {
+            Error::InvalidInput { op, reason: format!("signing key {key_id:?} already exists") }
+        }
+        _ => Error::Query { op, source },
+    })?;
+    Ok(SigningKeyRotation { revision: rev, retired, pruned })
+}
+
 fn signing_key_row(r: &Row<'_>) -> rusqlite::Result<SigningKey> {
     Ok(SigningKey {
         key_id: r.get(0)?,

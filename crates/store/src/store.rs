@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 use crate::journal::{self, JournalCheck, Revision};
-use crate::repos::{self, AppRecord, AppWrite, RemoteConfigRecord, SessionRecord, SigningKey};
+use crate::repos::{self, AppRecord, AppWrite, RemoteConfigRecord, SessionRecord, SigningKey, SigningKeyRotation};
 use crate::{Role, schema};
 
 /// How many problems an integrity report keeps.
@@ -246,6 +246,30 @@ impl Store {
         let (actor, key_id) = (actor.to_string(), key_id.to_string());
         self.write("write_signing_key_retired", move |tx, at| repos::write_signing_key_retired(tx, at, &actor, &key_id))
             .await
+    }
+
+    /// Rotates the JWT signing key in one transaction (one journal row): deletes keys
+    /// retired more than `keep_retired` ago (no token they signed can still be valid when
+    /// `keep_retired` is the longest token lifetime), retires every active key, adds this
+    /// one. A key retired by this call is kept until a later rotation.
+    pub async fn write_signing_key_rotated(
+        &self,
+        actor: &str,
+        key_id: &str,
+        algorithm: &str,
+        secret: Zeroizing<Vec<u8>>,
+        keep_retired: Duration,
+    ) -> Result<SigningKeyRotation> {
+        let (actor, key_id, algorithm) = (actor.to_string(), key_id.to_string(), algorithm.to_string());
+        let keep = time::Duration::try_from(keep_retired).unwrap_or(time::Duration::MAX);
+        let cutoff = OffsetDateTime::now_utc().checked_sub(keep).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        // Same format as the stored times (now()): the strings compare in time order to the
+        // second (sub-second digits vary in length), which is all a lifetime cutoff needs.
+        let cutoff = cutoff.format(&Rfc3339).unwrap_or_else(|_| "1970-01-01T00:00:00Z".into());
+        self.write("write_signing_key_rotated", move |tx, at| {
+            repos::write_signing_key_rotated(tx, at, &actor, (&key_id, &algorithm, &secret), &cutoff)
+        })
+        .await
     }
 
     /// Every signing key, oldest first (active and retired).

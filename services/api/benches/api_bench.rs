@@ -47,6 +47,11 @@ fn main() {
         api.setup().await;
         api.login(common::PASSWORD).await.token
     });
+    // The new stack, not a stand-in: the control store sits on the broker's gocryptfs mount.
+    let control = api.mountpoint("control");
+    assert!(common::mounted(&control), "control volume not mounted at {}", control.display());
+    assert!(control.join("control.db").exists(), "no control.db on the control volume");
+    println!("stack: broker + gocryptfs (control store on {}), piccolo-api as piccolo-api", control.display());
     std::thread::sleep(Duration::from_millis(500));
     let idle = rss_kib(api.pid());
 

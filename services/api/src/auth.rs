@@ -151,16 +151,16 @@ impl Sessions {
     }
 
     /// Writes a new signing key to the control store, retires every older one and uses it:
-    /// every JWT signed before stops verifying (on password change and reset).
+    /// every JWT signed before stops verifying (on password change and reset). In the same
+    /// transaction, keys retired more than one session lifetime ago are deleted: a token
+    /// lives at most `ttl`, so they cannot verify a live one, and without this every
+    /// password change would leave one more secret behind for good.
     pub async fn rotate_key(&self, store: &piccolo_store::Store) -> Result<(), ApiError> {
         let secret = Zeroizing::new(random_bytes(32)?);
         let id = hex::encode(random_bytes(8)?);
-        let old = store.read_signing_keys().await?;
-        store.write_signing_key(ACTOR, &id, JWT_ALG, secret.clone()).await?;
-        // A crash before the old keys are retired leaves two active keys; load_key takes the
-        // newest and the next rotation retires the rest.
-        for k in old.iter().filter(|k| k.retired.is_none()) {
-            store.write_signing_key_retired(ACTOR, &k.key_id).await?;
+        let done = store.write_signing_key_rotated(ACTOR, &id, JWT_ALG, secret.clone(), self.ttl).await?;
+        if !done.pruned.is_empty() {
+            tracing::info!(pruned = done.pruned.len(), "deleted signing keys retired over a session lifetime ago");
         }
         self.set_key(TokenKey { id, secret });
         Ok(())
@@ -342,4 +342,56 @@ fn authenticate(parts: &Parts, state: &SharedState) -> Result<Auth, ApiError> {
         }
     }
     Ok(Auth { session: hash, via, csrf_token: session.csrf, created_at: session.created, expires_at: session.expires })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, piccolo_store::Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = piccolo_store::Store::locked();
+        store.open(&dir.path().join("control.db"), piccolo_store::Role::Leader).await.unwrap();
+        (dir, store)
+    }
+
+    fn ids(keys: &[piccolo_store::SigningKey]) -> Vec<(String, bool)> {
+        keys.iter().map(|k| (k.key_id.clone(), k.retired.is_some())).collect()
+    }
+
+    /// Password changes rotate the key: the old token stops verifying at once, the retired
+    /// key rows stay for one session lifetime and are deleted by the first rotation after it.
+    #[tokio::test]
+    async fn rotation_prunes_keys_retired_over_a_session_lifetime_ago() {
+        let (_dir, store) = store().await;
+        let sessions = Sessions::new(Duration::from_secs(1));
+        sessions.load_key(&store).await.unwrap();
+        let first = store.read_signing_keys().await.unwrap();
+        assert_eq!(first.len(), 1);
+        let old = sessions.issue().unwrap();
+        assert!(sessions.sid_from_jwt(&old.token).is_some());
+
+        sessions.rotate_key(&store).await.unwrap();
+        assert!(sessions.sid_from_jwt(&old.token).is_none(), "a token of the retired key still verifies");
+        let fresh = sessions.issue().unwrap();
+        assert!(sessions.sid_from_jwt(&fresh.token).is_some());
+        sessions.rotate_key(&store).await.unwrap();
+        let keys = store.read_signing_keys().await.unwrap();
+        assert_eq!(keys.len(), 3, "within a session lifetime nothing is deleted: {:?}", ids(&keys));
+        assert_eq!(keys.iter().filter(|k| k.retired.is_none()).count(), 1);
+
+        // Over a lifetime later (1 s, compared to the second): both long-retired keys go, the
+        // one this rotation retires stays, the new one is active and loads after a reopen.
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        let before = store.read_signing_keys().await.unwrap();
+        sessions.rotate_key(&store).await.unwrap();
+        let after = store.read_signing_keys().await.unwrap();
+        assert_eq!(after.len(), 2, "{:?}", ids(&after));
+        assert_eq!(after[0].key_id, before[2].key_id, "the key retired just now is kept");
+        assert!(after[0].retired.is_some() && after[1].retired.is_none());
+        let token = sessions.issue().unwrap().token;
+        let reloaded = Sessions::new(Duration::from_secs(1));
+        reloaded.load_key(&store).await.unwrap();
+        assert!(reloaded.sid_from_jwt(&token).is_some(), "the active key did not come back from the store");
+    }
 }

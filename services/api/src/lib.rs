@@ -19,6 +19,7 @@ pub mod boot;
 pub mod error;
 pub mod events;
 pub mod listen;
+pub mod mounts;
 pub mod ratelimit;
 pub mod routes;
 pub mod setup;

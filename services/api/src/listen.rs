@@ -67,6 +67,20 @@ pub enum ListenError {
     /// The self-signed certificate could not be made.
     #[error("cannot generate the self-signed TLS certificate")]
     SelfSigned(#[from] rcgen::Error),
+    /// `/proc/self/mountinfo` could not be read (start-up check of `mounts::check`).
+    #[error("cannot read /proc/self/mountinfo")]
+    MountInfo(#[source] std::io::Error),
+    /// Mounts the broker makes under the state dir would never reach this process.
+    #[error(
+        "{} is on a private mount ({}) in this process's mount namespace: the broker's volume mounts would not appear here and the control store would be written, unencrypted, to the bare directory; refusing to start (the unit's MountFlags= must be slave or shared, not private)",
+        dir.display(), mountpoint.display()
+    )]
+    MountsNotPropagated {
+        /// `<state dir>/mounts`.
+        dir: PathBuf,
+        /// The mount holding it.
+        mountpoint: PathBuf,
+    },
 }
 
 /// What a listening socket speaks.

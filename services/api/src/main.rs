@@ -97,6 +97,8 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // No colour codes in the journal (stderr is a socket there); only on a terminal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     // Two worker threads: KDF work runs on the blocking pool, so two are enough for serving.
@@ -119,6 +121,9 @@ fn main() -> std::process::ExitCode {
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let kdf = KdfParams { m_cost_kib: args.kdf_memory_kib, t_cost: args.kdf_passes, p_cost: 1 };
     kdf.validate()?;
+    // Before anything is mounted or written: under systemd, refuse a namespace the broker's
+    // volume mounts cannot reach (the store would land in plaintext on the bare directory).
+    piccolo_api::mounts::check(&args.state_dir.join("mounts"))?;
     let broker = piccolo_api::backend::broker(&args.broker_socket)?;
     let sealer: Option<Arc<dyn piccolo_persistence::SealBackend>> =
         if args.no_tpm { None } else { Some(broker.clone()) };
