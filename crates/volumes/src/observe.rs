@@ -4,58 +4,17 @@
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Filesystem type gocryptfs mounts show.
 pub const FSTYPE: &str = "fuse.gocryptfs";
 
-/// One line of mountinfo that matters here.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountEntry {
-    /// Mount point (unescaped).
-    pub mount_point: PathBuf,
-    /// Filesystem type.
-    pub fstype: String,
-    /// Mount source (for gocryptfs: the ciphertext dir).
-    pub source: String,
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for space, `\011`, `\012`, `\134`).
-fn unescape(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = (u32::from(b[i + 1] - b'0') << 6) | (u32::from(b[i + 2] - b'0') << 3) | u32::from(b[i + 3] - b'0');
-            out.push(u8::try_from(v & 0xff).unwrap_or(b'?'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    out
-}
-
-/// Parses mountinfo text (see proc(5)): `id parent maj:min root mountpoint opts [tags] - fstype source superopts`.
-pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
-    text.lines()
-        .filter_map(|line| {
-            let (pre, post) = line.split_once(" - ")?;
-            let mount_point = pre.split(' ').nth(4)?;
-            let mut post = post.split(' ');
-            let fstype = post.next()?.to_owned();
-            let source = String::from_utf8_lossy(&unescape(post.next().unwrap_or(""))).into_owned();
-            Some(MountEntry { mount_point: PathBuf::from(OsStr::from_bytes(&unescape(mount_point))), fstype, source })
-        })
-        .collect()
-}
+pub use piccolo_mountinfo::MountEntry;
 
 /// Every mount on `mount_point` in this process's mount namespace (stacked mounts repeat).
 pub fn mounts_on(mount_point: &Path) -> Vec<MountEntry> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    parse_mountinfo(&text).into_iter().filter(|m| m.mount_point == mount_point).collect()
+    let table = piccolo_mountinfo::read_self().unwrap_or_default();
+    table.into_iter().filter(|m| m.mount_point == mount_point).collect()
 }
 
 /// A live gocryptfs process whose last two arguments are `cipher_dir mount_point`.
@@ -112,21 +71,6 @@ pub fn daemons(cipher_dir: &Path, mount_point: &Path) -> Vec<Daemon> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountinfo_lines() {
-        let text = "22 1 0:21 / /proc rw,nosuid shared:5 - proc proc rw\n\
-                    45 27 0:40 / /var/lib/piccolo/mounts/app-a rw,nosuid,nodev,relatime - fuse.gocryptfs /var/lib/piccolo/ciphertext/app-a/data rw,user_id=0\n\
-                    46 27 0:41 / /tmp/a\\040b rw - fuse.gocryptfs /tmp/c\\134d rw\n\
-                    garbage\n";
-        let m = parse_mountinfo(text);
-        assert_eq!(m.len(), 3);
-        assert_eq!(m[1].mount_point, Path::new("/var/lib/piccolo/mounts/app-a"));
-        assert_eq!(m[1].fstype, FSTYPE);
-        assert_eq!(m[1].source, "/var/lib/piccolo/ciphertext/app-a/data");
-        assert_eq!(m[2].mount_point, Path::new("/tmp/a b"));
-        assert_eq!(m[2].source, "/tmp/c\\d");
-    }
 
     #[test]
     fn cmdlines() {

@@ -11,7 +11,7 @@
 //! (development, tests) the worker shares the broker's namespace, where propagation does
 //! not matter, and hosts without systemd often mount `/` private.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::listen::ListenError;
 
@@ -28,52 +28,13 @@ pub fn check(dir: &Path) -> Result<(), ListenError> {
 
 /// [`check`] on a given mount table (`/proc/PID/mountinfo` format).
 pub fn check_table(mountinfo: &str, dir: &Path) -> Result<(), ListenError> {
-    match holding_mount(mountinfo, dir) {
-        Some((_, true)) | None => Ok(()),
-        Some((mountpoint, false)) => Err(ListenError::MountsNotPropagated { dir: dir.to_path_buf(), mountpoint }),
-    }
-}
-
-/// The mount `dir` resolves to (the deepest mountpoint above it; of several on one path the
-/// last, which is on top) and whether it receives mounts from elsewhere (`shared:` or
-/// `master:` among the optional fields).
-fn holding_mount(mountinfo: &str, dir: &Path) -> Option<(PathBuf, bool)> {
-    let mut best: Option<(PathBuf, bool)> = None;
-    for line in mountinfo.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(mp) = fields.get(4).map(|f| PathBuf::from(unescape(f))) else { continue };
-        if !dir.starts_with(&mp) {
-            continue;
+    let table = piccolo_mountinfo::parse(mountinfo);
+    match piccolo_mountinfo::holding_mount(&table, dir) {
+        Some(m) if !m.propagates => {
+            Err(ListenError::MountsNotPropagated { dir: dir.to_path_buf(), mountpoint: m.mount_point.clone() })
         }
-        let optional = fields.iter().skip(6).take_while(|f| **f != "-");
-        let propagates = optional.clone().any(|f| f.starts_with("shared:") || f.starts_with("master:"));
-        let deeper = best.as_ref().is_none_or(|(b, _)| mp.components().count() >= b.components().count());
-        if deeper {
-            best = Some((mp, propagates));
-        }
+        _ => Ok(()),
     }
-    best
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
-fn unescape(field: &str) -> String {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b.get(i + 1..i + 4).filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match octal {
-            Some(d) => {
-                out.push(d.iter().fold(0u8, |acc, c| acc.wrapping_mul(8).wrapping_add(c - b'0')));
-                i += 4;
-            }
-            None => {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -117,10 +78,7 @@ mod tests {
         let stacked = format!("{SHIPPED}400 368 0:45 / /var/lib/piccolo/mounts rw - tmpfs tmpfs rw\n");
         assert!(check_table(&stacked, Path::new(DIR)).is_err(), "a private mount on top hides the shared one");
         let spaced = "1 0 0:1 / / rw - ext4 x rw\n2 1 0:2 / /srv/my\\040state rw shared:5 - ext4 y rw\n";
-        assert_eq!(
-            holding_mount(spaced, Path::new("/srv/my state/mounts")),
-            Some((PathBuf::from("/srv/my state"), true))
-        );
-        assert_eq!(holding_mount(spaced, Path::new("/srv/my")), Some((PathBuf::from("/"), false)));
+        assert!(check_table(spaced, Path::new("/srv/my state/mounts")).is_ok(), "escaped path, shared mount");
+        assert!(check_table(spaced, Path::new("/srv/my")).is_err(), "falls back to the private root");
     }
 }
