@@ -44,6 +44,10 @@ pub struct Meta {
     /// owner. Only the owner may mount; the mount and its files appear as this uid:gid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub presented: Option<(u32, u32)>,
+    /// The presented user's name (recorded since archives: an import on other hardware
+    /// re-resolves the presented uid:gid by this name, since uids differ between machines).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presented_user: Option<String>,
     /// RFC 3339 UTC.
     pub created: String,
     /// Hex HMAC-SHA256 key check.
@@ -90,6 +94,7 @@ impl Meta {
             owner_uid,
             owner_gid,
             presented: None,
+            presented_user: None,
             created,
             key_check: key_check(key, id),
         }
