@@ -827,7 +827,10 @@ impl Persistence {
                     BrokerError::Archive(k) => Error::Keyset(k),
                     // The broker's archive validation refused it: the same error kind as an
                     // in-process import would give (the message is the broker's).
-                    BrokerError::Rejected(reason) => Error::Keyset(piccolo_keyset::Error::ArchiveRejected { reason }),
+                    BrokerError::Rejected(reason) => {
+                        let reason = reason.strip_prefix("import archive rejected: ").unwrap_or(&reason).to_string();
+                        Error::Keyset(piccolo_keyset::Error::ArchiveRejected { reason })
+                    }
                     source => Error::Volume { step: "import", volume: "(archive)".into(), source },
                 })
             }
@@ -863,12 +866,7 @@ impl Persistence {
                 crate::durable::private_dir(&dir).map_err(state_err(&dir))?;
                 // A leftover temp file of this pid is never read: replace it.
                 let _ = std::fs::remove_file(&tmp);
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&tmp)
-                    .map_err(state_err(&tmp))
+                std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(state_err(&tmp))
             })
             .await?
         };
@@ -878,14 +876,16 @@ impl Persistence {
         });
         let (dir2, tmp2, path2) = (dir.clone(), tmp.clone(), path.clone());
         let result = match exported {
-            Ok((file, summary)) => blocking(move || {
-                file.sync_all().map_err(state_err(&tmp2))?;
-                drop(file);
-                std::fs::rename(&tmp2, &path2).map_err(state_err(&path2))?;
-                crate::durable::fsync_dir(&dir2).map_err(state_err(&dir2))?;
-                Ok(summary)
-            })
-            .await,
+            Ok((file, summary)) => {
+                blocking(move || {
+                    file.sync_all().map_err(state_err(&tmp2))?;
+                    drop(file);
+                    std::fs::rename(&tmp2, &path2).map_err(state_err(&path2))?;
+                    crate::durable::fsync_dir(&dir2).map_err(state_err(&dir2))?;
+                    Ok(summary)
+                })
+                .await
+            }
             Err(e) => Err(e),
         };
         if result.is_err() {
