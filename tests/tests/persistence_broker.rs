@@ -522,4 +522,24 @@ async fn export_and_import_through_the_broker_as_piccolo_api() {
     assert_locked_invariant(&b2, &state2, &["app-1"]);
     as_api(&b2).await.unmount_volume(BOOTSTRAP).await.unwrap();
     assert!(cpath.exists());
+
+    // A presented volume whose metadata records no user name (made before names were
+    // recorded) cannot be re-resolved on other hardware: refused, nothing changed.
+    p.unlock_with_password(pw(PASSWORD)).await.unwrap();
+    let meta_path = state.join("ciphertext/app-1/piccolo.volume.json");
+    let mut meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+    meta.as_object_mut().unwrap().remove("presented_user");
+    std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+    let (fpath, _) = p.export(piccolo_keyset::ExportKind::Full).await.unwrap();
+    p.lock().await.unwrap();
+    backend.unmount_volume(BOOTSTRAP).await.unwrap();
+    let before = snapshot(&state2);
+    let err = p2.import(std::io::Cursor::new(std::fs::read(fpath).unwrap())).await.unwrap_err();
+    assert!(err.to_string().contains("records no user name"), "{err}");
+    // The worker's own quiesce rewrote its journals (bootstrap's observed state); everything
+    // the import could have replaced is as it was.
+    let imported_areas = |snap: Vec<(PathBuf, u32, u32, u64)>| {
+        snap.into_iter().filter(|e| !e.0.starts_with(state2.join("volumes"))).collect::<Vec<_>>()
+    };
+    assert_eq!(imported_areas(snapshot(&state2)), imported_areas(before));
 }

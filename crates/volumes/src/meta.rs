@@ -207,6 +207,10 @@ mod tests {
         p.presented = Some((8, 9));
         p.write(d.path()).unwrap();
         assert_eq!(Meta::read(d.path(), &id).unwrap().presented_as(), (8, 9));
+        // The presented user's name round-trips (imports re-resolve it); absent stays absent.
+        p.presented_user = Some("piccolo-apps".into());
+        p.write(d.path()).unwrap();
+        assert_eq!(Meta::read(d.path(), &id).unwrap().presented_user.as_deref(), Some("piccolo-apps"));
         assert!(matches!(Meta::read(d.path(), &VolumeId::parse("app-b").unwrap()), Err(Error::Metadata { .. })));
         std::fs::write(d.path().join(META_FILE), "{\"format\":2}").unwrap();
         assert!(matches!(Meta::read(d.path(), &id), Err(Error::Metadata { .. })));
