@@ -290,3 +290,23 @@ impl Config {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn import_caps_default_to_the_format_and_may_only_shrink() {
+        let mut v = VolumesConfig::default();
+        assert!(v.import_limits_in_bounds());
+        assert_eq!(v.import_limits(), import_limit_bounds());
+        v.import_max_total_bytes = 1 << 30;
+        assert!(v.import_limits_in_bounds());
+        v.import_max_file_bytes = import_limit_bounds().max_file_bytes + 1;
+        assert!(!v.import_limits_in_bounds());
+        let v = VolumesConfig { import_max_entries: 0, ..Default::default() };
+        assert!(!v.import_limits_in_bounds());
+        let v: FileConfig = toml::from_str("[volumes]\nimport_max_manifest_bytes = 100\n").unwrap();
+        assert!(!v.volumes.import_limits_in_bounds());
+    }
+}

@@ -61,14 +61,17 @@ fn backend(code: Code, message: impl Into<String>) -> Error {
 /// paths; the archive code never puts key material in them.
 fn keyset_error(e: piccolo_keyset::Error) -> Error {
     use piccolo_keyset::Error as K;
-    let code = match &e {
-        K::Refused(_) => {
-            let K::Refused(inner) = e else { unreachable!() };
+    // A hook's refusal carries the broker's own error (policy, ownership): pass it through.
+    let e = match e {
+        K::Refused(inner) => {
             return match inner.downcast::<Error>() {
                 Ok(err) => *err,
                 Err(other) => backend(Code::Internal, other.to_string()),
             };
         }
+        other => other,
+    };
+    let code = match &e {
         K::VolumeIds { .. }
         | K::ReadArchive { .. }
         | K::ArchiveRejected { .. }
