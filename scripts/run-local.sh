@@ -60,6 +60,12 @@ rpcs = ["CreateVolume", "MountVolume", "UnmountVolume", "VolumeStatus"]
 $api_principal
 volumes = ["control", "bootstrap"]
 reason = "development stack: the API worker owns persistence (its control and bootstrap volumes)"
+
+[[rule]]
+rpcs = ["ExportArchive", "ImportArchive"]
+$api_principal
+volumes = ["control", "bootstrap"]
+reason = "development stack: export and import of those volumes (the broker reads root's ciphertext)"
 POLICY
 cat > "$state/etc/broker-config.toml" <<CONFIG
 socket = "$state/run/broker.sock"

@@ -109,12 +109,57 @@ pub struct VolumesConfig {
     pub gocryptfs: PathBuf,
     /// gocryptfs `-scryptn` at creation (10..=28); see `piccolo_volumes::Runner::scrypt_n`.
     pub scrypt_n: u8,
+    /// ImportArchive: most manifest entries (files, dirs, symlinks).
+    pub import_max_entries: u64,
+    /// ImportArchive: largest single file.
+    pub import_max_file_bytes: u64,
+    /// ImportArchive: largest sum of file sizes.
+    pub import_max_total_bytes: u64,
+    /// ImportArchive: largest `manifest.json` (held in memory while it is checked).
+    pub import_max_manifest_bytes: u64,
+}
+
+/// Upper bounds of the `[volumes] import_*` settings: the archive format's own defaults.
+/// A configuration may only lower them (a small board sets smaller caps).
+pub fn import_limit_bounds() -> piccolo_keyset::ImportLimits {
+    piccolo_keyset::ImportLimits::default()
+}
+
+impl VolumesConfig {
+    /// The import caps as the archive code takes them.
+    pub fn import_limits(&self) -> piccolo_keyset::ImportLimits {
+        piccolo_keyset::ImportLimits {
+            max_entries: self.import_max_entries,
+            max_file_bytes: self.import_max_file_bytes,
+            max_total_bytes: self.import_max_total_bytes,
+            max_manifest_bytes: self.import_max_manifest_bytes,
+        }
+    }
+
+    fn import_limits_in_bounds(&self) -> bool {
+        let (l, max) = (self.import_limits(), import_limit_bounds());
+        (1..=max.max_entries).contains(&l.max_entries)
+            && (1..=max.max_file_bytes).contains(&l.max_file_bytes)
+            && (1..=max.max_total_bytes).contains(&l.max_total_bytes)
+            && (4096..=max.max_manifest_bytes).contains(&l.max_manifest_bytes)
+    }
 }
 
 impl Default for VolumesConfig {
     fn default() -> Self {
         let state_dir = std::env::var_os(STATE_DIR_ENV).map(PathBuf::from).unwrap_or_else(|| PathBuf::from(STATE_DIR));
-        VolumesConfig { state_dir, gocryptfs: PathBuf::from("/usr/bin/gocryptfs"), scrypt_n: 10 }
+        let limits = import_limit_bounds();
+        VolumesConfig {
+            state_dir,
+            gocryptfs: PathBuf::from("/usr/bin/gocryptfs"),
+            scrypt_n: 10,
+            import_max_entries: limits.max_entries,
+            // A board's state dir is small; 64 GiB per file and 256 GiB in all are the format's
+            // ceilings, kept as defaults so an export made here always imports here.
+            import_max_file_bytes: limits.max_file_bytes,
+            import_max_total_bytes: limits.max_total_bytes,
+            import_max_manifest_bytes: limits.max_manifest_bytes,
+        }
     }
 }
 
@@ -223,6 +268,12 @@ impl Config {
                 message: "[volumes]: state_dir must be absolute and scrypt_n within 10..=28".into(),
             });
         }
+        if !file.volumes.import_limits_in_bounds() {
+            return Err(ConfigError::Parse {
+                path,
+                message: "[volumes]: import_* caps must be positive and at most the archive format's defaults".into(),
+            });
+        }
         let pick = |flag: &Option<PathBuf>, file: &Option<PathBuf>, default: &str| {
             flag.clone().or_else(|| file.clone()).unwrap_or_else(|| Path::new(default).to_path_buf())
         };
@@ -237,5 +288,25 @@ impl Config {
             max_connections: file.max_connections.unwrap_or(4096),
             file,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn import_caps_default_to_the_format_and_may_only_shrink() {
+        let mut v = VolumesConfig::default();
+        assert!(v.import_limits_in_bounds());
+        assert_eq!(v.import_limits(), import_limit_bounds());
+        v.import_max_total_bytes = 1 << 30;
+        assert!(v.import_limits_in_bounds());
+        v.import_max_file_bytes = import_limit_bounds().max_file_bytes + 1;
+        assert!(!v.import_limits_in_bounds());
+        let v = VolumesConfig { import_max_entries: 0, ..Default::default() };
+        assert!(!v.import_limits_in_bounds());
+        let v: FileConfig = toml::from_str("[volumes]\nimport_max_manifest_bytes = 100\n").unwrap();
+        assert!(!v.volumes.import_limits_in_bounds());
     }
 }

@@ -93,6 +93,18 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             "pid": std::process::id(),
         }),
     ))?;
+    // An import a crash interrupted is finished (journal written) or discarded before any
+    // call can see the state dir; a failure is recorded, not fatal (the other verbs still work).
+    match piccolo_broker::handlers::archive::recover_at_start(&config.file.volumes.state_dir) {
+        Ok(0) => {}
+        Ok(n) => {
+            audit.append_blocking(Entry::event("archive.recovered", serde_json::json!({ "staging_dirs": n })))?;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "recovering an interrupted import failed");
+            audit.append_blocking(Entry::event("archive.recovery_failed", serde_json::json!({ "error": e })))?;
+        }
+    }
     let socket_gid = group_id(&config.socket_group)?;
     let ctx = Arc::new(Ctx {
         policy: RwLock::new(Arc::new(policy)),

@@ -81,6 +81,8 @@ rpcs! {
     SignDeviceToken => ("Tpm", false, None),
     EnrollDiskTpm => ("Tpm", true, Some("partitions")),
     ResealDiskTpm => ("Tpm", true, Some("partitions")),
+    ExportArchive => ("Archive", true, Some("volumes")),
+    ImportArchive => ("Archive", true, Some("volumes")),
 }
 
 impl Rpc {

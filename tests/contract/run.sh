@@ -7,9 +7,8 @@
 # on any undocumented status code, response-schema or content-type mismatch, server error,
 # or accepted invalid input (every check is enabled in schemathesis.toml).
 #   usage: tests/contract/run.sh [TARGET_DIR]   (default: target/debug; must run as root)
-# The worker runs as PICCOLO_CONTRACT_API_USER (default root): as piccolo-api, export and
-# import fail (500) until the broker serves the root-only ciphertext/ (see ARCHITECTURE.md,
-# "Export and import need root's files"); set it to piccolo-api to check that path.
+# The worker runs as PICCOLO_CONTRACT_API_USER (default piccolo-api, as in production; export
+# and import go through the broker's Archive service).
 # Schemathesis comes from PyPI into a venv (PICCOLO_CONTRACT_VENV, default
 # /tmp/piccolo-contract-venv), pinned below.
 set -euo pipefail
@@ -25,7 +24,7 @@ if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -q "$version"; then
 fi
 
 [ "$(id -u)" -eq 0 ] || { echo "contract test: must run as root (real broker, FUSE mounts)"; exit 2; }
-api_user=${PICCOLO_CONTRACT_API_USER:-root}
+api_user=${PICCOLO_CONTRACT_API_USER:-piccolo-api}
 work=$(mktemp -d /tmp/piccolo-contract.XXXXXX)
 chmod 0755 "$work"
 pid=
@@ -53,7 +52,7 @@ cat > "$work/policy.toml" <<POLICY
 version = 1
 
 [[rule]]
-rpcs = ["CreateVolume", "MountVolume", "UnmountVolume", "VolumeStatus"]
+rpcs = ["CreateVolume", "MountVolume", "UnmountVolume", "VolumeStatus", "ExportArchive", "ImportArchive"]
 users = ["$api_user"]
 volumes = ["control", "bootstrap"]
 reason = "contract test: the API worker owns persistence"

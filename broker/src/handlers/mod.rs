@@ -4,6 +4,7 @@
 //!
 //! Adding a service: a module here and one `serve!` line in [`routes`].
 
+pub mod archive;
 pub mod boot;
 pub mod broker_svc;
 pub mod disks;
@@ -33,7 +34,10 @@ pub fn routes(ctx: &Shared) -> Routes {
     serve!(v1::boot_server::BootServer::new(boot::BootSvc::new(ctx.clone())));
     serve!(v1::disks_server::DisksServer::new(disks::DisksSvc::new(ctx.clone())));
     serve!(v1::efi_server::EfiServer::new(efi::EfiSvc::new(ctx.clone())));
-    serve!(v1::volumes_server::VolumesServer::new(volumes::VolumesSvc::new(ctx.clone())));
+    let vols = volumes::VolumesSvc::new(ctx.clone());
+    let shared_vols = vols.volumes();
+    serve!(v1::volumes_server::VolumesServer::new(vols));
+    serve!(v1::archive_server::ArchiveServer::new(archive::ArchiveSvc::new(ctx.clone(), shared_vols)));
     serve!(v1::update_engine_server::UpdateEngineServer::new(update_engine::UpdateEngineSvc::new(ctx.clone())));
     serve!(v1::tpm_server::TpmServer::new(tpm::TpmSvc::new(ctx.clone())));
     b.routes()

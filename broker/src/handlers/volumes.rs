@@ -182,6 +182,11 @@ impl VolumesSvc {
         let vols = Arc::new(vol::Volumes::new(cfg.state_dir.clone(), runner));
         VolumesSvc { ctx, vols }
     }
+
+    /// The volumes (and their lock), shared with the Archive service.
+    pub fn volumes(&self) -> Arc<vol::Volumes> {
+        self.vols.clone()
+    }
 }
 
 #[tonic::async_trait]
@@ -203,7 +208,10 @@ impl Volumes for VolumesSvc {
                     })?;
                     Some((u.uid.as_raw(), u.gid.as_raw()))
                 };
-                vols.create_presented(&id, class, &key, (who.uid, who.gid), presented)?;
+                // The presented user's name is recorded too: an import on other hardware
+                // re-resolves its uid:gid by name.
+                let presented = presented.map(|(u, g)| (u, g, Some(r.present_as.as_str())));
+                vols.create_presented_as(&id, class, &key, (who.uid, who.gid), presented)?;
                 Ok(CreateVolumeResponse {})
             })
             .await

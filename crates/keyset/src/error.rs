@@ -264,6 +264,10 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// An [`crate::ImportHooks`] callback refused the import (policy, ownership); live state is
+    /// untouched. The source is the hook's own error, for the caller to downcast.
+    #[error(transparent)]
+    Refused(Box<dyn std::error::Error + Send + Sync>),
     /// Swapping staged content into place failed (see `recover_interrupted_import`).
     #[error("cannot swap imported {path} into place")]
     Swap {

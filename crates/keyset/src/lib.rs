@@ -68,8 +68,9 @@ mod recovery;
 mod secret;
 
 pub use archive::{
-    ARCHIVE_FORMAT, ARCHIVE_VERSION, ExportKind, ExportSummary, ImportLimits, ImportReport, MAX_VOLUME_ID_LEN, import,
-    recover_interrupted_import, validate_volume_id, write_export, write_export_file,
+    ARCHIVE_FORMAT, ARCHIVE_VERSION, ExportKind, ExportSummary, ImportHooks, ImportLimits, ImportReport,
+    MAX_VOLUME_ID_LEN, ManifestInfo, import, import_with_hooks, peek_manifest, recover_interrupted_import,
+    validate_volume_id, write_export, write_export_file,
 };
 pub use error::{Error, Result};
 pub use format::{KEYSET_FORMAT, KEYSET_VERSION, MAX_TPM_BLOB_BYTES};

@@ -4,10 +4,12 @@
 //! (SealSecret / UnsealSecret). [`crate::GrpcBroker`] implements both over the broker socket;
 //! tests may use any other real implementation (e.g. gocryptfs run directly as root).
 
+use std::fs::File;
+use std::io::Read;
 use std::path::PathBuf;
 
 use futures_util::future::BoxFuture;
-use piccolo_keyset::Secret;
+use piccolo_keyset::{ExportKind, ExportSummary, ImportLimits, ImportReport, Secret};
 
 use crate::keys::VolumeKey;
 
@@ -55,6 +57,13 @@ pub enum BrokerError {
     /// The broker's policy refused the call.
     #[error("denied by the broker: {0}")]
     Denied(String),
+    /// The broker refused an argument or an import archive (INVALID_ARGUMENT).
+    #[error("rejected by the broker: {0}")]
+    Rejected(String),
+    /// The archive code itself failed (a backend that runs it in-process, or the local side
+    /// of a streamed import: reading the manifest, the client's reader).
+    #[error(transparent)]
+    Archive(piccolo_keyset::Error),
     /// The object does not exist.
     #[error("not found: {0}")]
     NotFound(String),
@@ -105,6 +114,24 @@ pub trait VolumeBackend: Send + Sync + 'static {
 
     /// The observed state of one volume, or of all the caller may see (`None`).
     fn volume_status<'a>(&'a self, volume_id: Option<&'a str>) -> BoxFuture<'a, Result<Vec<VolumeInfo>, BrokerError>>;
+
+    /// Writes a `kind` export of the (unmounted) `volume_ids` into `out`, a new empty file,
+    /// and hands it back with the summary; the caller makes it durable and renames it. On
+    /// error what was written is not an archive.
+    fn export_archive<'a>(
+        &'a self,
+        kind: ExportKind,
+        volume_ids: &'a [String],
+        out: File,
+    ) -> BoxFuture<'a, Result<(File, ExportSummary), BrokerError>>;
+
+    /// Imports the archive `reader` yields (volumes unmounted). `limits` bound what this side
+    /// reads itself; the broker applies its own configured caps.
+    fn import_archive<'a>(
+        &'a self,
+        reader: Box<dyn Read + Send>,
+        limits: &'a ImportLimits,
+    ) -> BoxFuture<'a, Result<ImportReport, BrokerError>>;
 }
 
 /// TPM sealing (the broker's Tpm service).

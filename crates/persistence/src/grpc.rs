@@ -4,11 +4,15 @@
 //! Limitation: tonic takes the request by value and encodes it into its own buffers, so the
 //! copy of a key inside an in-flight request is not zeroed by us; it lives only for the call.
 
+use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use futures_util::future::BoxFuture;
-use piccolo_keyset::Secret;
+use piccolo_keyset::{ExportKind, ExportSummary, ImportLimits, ImportReport, Secret};
 use piccolo_proto::v1;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -38,6 +42,10 @@ impl GrpcBroker {
         v1::volumes_client::VolumesClient::new(self.channel.clone())
     }
 
+    fn archive(&self) -> v1::archive_client::ArchiveClient<Channel> {
+        v1::archive_client::ArchiveClient::new(self.channel.clone())
+    }
+
     fn tpm(&self) -> v1::tpm_client::TpmClient<Channel> {
         v1::tpm_client::TpmClient::new(self.channel.clone())
     }
@@ -53,6 +61,7 @@ pub(crate) fn from_status(s: Status) -> BrokerError {
         Code::PermissionDenied => BrokerError::Denied(msg),
         Code::FailedPrecondition if msg.contains("PCR policy mismatch") => BrokerError::PcrMismatch(msg),
         Code::NotFound => BrokerError::NotFound(msg),
+        Code::InvalidArgument => BrokerError::Rejected(msg),
         Code::Unavailable => BrokerError::Unavailable(msg),
         code => BrokerError::Failed { code: format!("{code:?}"), message: msg },
     }
@@ -131,6 +140,158 @@ impl VolumeBackend for GrpcBroker {
                     needs_repair: v.needs_repair,
                 })
                 .collect())
+        })
+    }
+
+    fn export_archive<'a>(
+        &'a self,
+        kind: ExportKind,
+        volume_ids: &'a [String],
+        out: File,
+    ) -> BoxFuture<'a, Result<(File, ExportSummary), BrokerError>> {
+        Box::pin(self.export_to(kind, volume_ids, out))
+    }
+
+    fn import_archive<'a>(
+        &'a self,
+        reader: Box<dyn Read + Send>,
+        limits: &'a ImportLimits,
+    ) -> BoxFuture<'a, Result<ImportReport, BrokerError>> {
+        Box::pin(self.import_from(reader, limits))
+    }
+}
+
+/// Size of the chunks an import is streamed in.
+const IMPORT_CHUNK: usize = 64 << 10;
+
+fn local_io(e: std::io::Error) -> BrokerError {
+    BrokerError::Archive(piccolo_keyset::Error::WriteArchive { source: e })
+}
+
+fn protocol(message: &str) -> BrokerError {
+    BrokerError::Failed { code: "Protocol".into(), message: message.into() }
+}
+
+fn kind_pb(kind: ExportKind) -> v1::ExportKind {
+    match kind {
+        ExportKind::Control => v1::ExportKind::Control,
+        ExportKind::Full => v1::ExportKind::Full,
+    }
+}
+
+fn kind_from_pb(k: i32) -> Result<ExportKind, BrokerError> {
+    match v1::ExportKind::try_from(k) {
+        Ok(v1::ExportKind::Control) => Ok(ExportKind::Control),
+        Ok(v1::ExportKind::Full) => Ok(ExportKind::Full),
+        _ => Err(protocol("the broker answered an unknown export kind")),
+    }
+}
+
+/// Export and import go through the broker's Archive service: it reads and replaces the
+/// root-owned ciphertext, this side only moves bytes (and checks them against the summary).
+impl GrpcBroker {
+    async fn export_to(
+        &self,
+        kind: ExportKind,
+        volume_ids: &[String],
+        out: File,
+    ) -> Result<(File, ExportSummary), BrokerError> {
+        let req = v1::ExportArchiveRequest { kind: kind_pb(kind) as i32, volume_ids: volume_ids.to_vec() };
+        let mut stream = self.archive().export_archive(req).await.map_err(from_status)?.into_inner();
+        let mut file = tokio::fs::File::from_std(out);
+        let (mut hasher, mut bytes) = (Sha256::new(), 0u64);
+        use v1::export_archive_response::Msg;
+        loop {
+            match stream.message().await.map_err(from_status)?.and_then(|m| m.msg) {
+                Some(Msg::Chunk(c)) => {
+                    hasher.update(&c);
+                    bytes += c.len() as u64;
+                    file.write_all(&c).await.map_err(local_io)?;
+                }
+                Some(Msg::Summary(s)) => {
+                    // Only a stream that ends in a summary matching what arrived is an archive.
+                    if s.archive_bytes != bytes || s.archive_sha256 != hex::encode(hasher.finalize()) {
+                        return Err(protocol("the export stream does not match its summary"));
+                    }
+                    file.flush().await.map_err(local_io)?;
+                    let summary = ExportSummary {
+                        kind: kind_from_pb(s.kind)?,
+                        volumes: s.volume_ids,
+                        key_id: s.key_id,
+                        files: s.files,
+                        dirs: s.dirs,
+                        symlinks: s.symlinks,
+                        content_bytes: s.content_bytes,
+                        archive_bytes: s.archive_bytes,
+                        archive_sha256: s.trailer_sha256,
+                    };
+                    return Ok((file.into_std().await, summary));
+                }
+                None => return Err(protocol("the export stream ended without a summary")),
+            }
+        }
+    }
+
+    async fn import_from(
+        &self,
+        reader: Box<dyn Read + Send>,
+        limits: &ImportLimits,
+    ) -> Result<ImportReport, BrokerError> {
+        use v1::import_archive_request::Msg;
+        // The broker's policy decides on the volume ids before it reads the archive, so they
+        // are declared up front from the manifest (the broker checks they match it).
+        let max = limits.max_manifest_bytes;
+        let (mut reader, info, prefix) = tokio::task::spawn_blocking(move || {
+            let mut reader = reader;
+            piccolo_keyset::peek_manifest(&mut reader, max).map(|(info, prefix)| (reader, info, prefix))
+        })
+        .await
+        .map_err(|e| protocol(&e.to_string()))?
+        .map_err(BrokerError::Archive)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let header = v1::ImportArchiveHeader { volume_ids: info.volumes };
+        let feeder = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let send = |msg| tx.blocking_send(v1::ImportArchiveRequest { msg: Some(msg) }).is_ok();
+            if !send(Msg::Header(header)) {
+                return Ok(());
+            }
+            for c in prefix.chunks(IMPORT_CHUNK) {
+                if !send(Msg::Chunk(c.to_vec())) {
+                    return Ok(());
+                }
+            }
+            let mut buf = vec![0u8; IMPORT_CHUNK];
+            loop {
+                let n = match reader.read(&mut buf) {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                };
+                // A closed channel: the broker answered early (refusal); its status says why.
+                if !send(Msg::Chunk(buf[..n].to_vec())) {
+                    return Ok(());
+                }
+            }
+        });
+        let result = self.archive().import_archive(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+        let fed = feeder.await.map_err(|e| protocol(&e.to_string()))?;
+        let r = match (result, fed) {
+            (Ok(r), _) => r.into_inner(),
+            // The archive ended early because our reader failed: that is the cause to report.
+            (Err(_), Err(e)) => return Err(BrokerError::Archive(piccolo_keyset::Error::ReadArchive { source: e })),
+            (Err(s), Ok(())) => return Err(from_status(s)),
+        };
+        Ok(ImportReport {
+            kind: kind_from_pb(r.kind)?,
+            volumes: r.volume_ids,
+            created: r.created,
+            key_id: r.key_id,
+            files: r.files,
+            bytes: r.bytes,
+            keyset_replaced: r.keyset_replaced,
+            orphaned_volumes: r.orphaned_volumes,
+            requires_unlock: true,
         })
     }
 }

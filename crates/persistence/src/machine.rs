@@ -3,6 +3,7 @@
 //! so setup, unlock, lock, reconcile, export and import never interleave.
 
 use std::collections::HashMap;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -156,7 +157,18 @@ impl Persistence {
         blocking(move || {
             crate::durable::private_dir(&dir.join("volumes"))
                 .map_err(|source| Error::StateDir { path: dir.join("volumes"), source })?;
-            piccolo_keyset::recover_interrupted_import(&dir)?;
+            match piccolo_keyset::recover_interrupted_import(&dir) {
+                // In production the broker stages imports (root's `.import-*` dirs) and
+                // recovers them at its own start; this process cannot read them.
+                Err(piccolo_keyset::Error::Stage { source, .. })
+                    if source.kind() == std::io::ErrorKind::PermissionDenied =>
+                {
+                    tracing::info!("an interrupted import is left to the broker's recovery");
+                }
+                other => {
+                    other?;
+                }
+            }
             // A crash inside `commit_pending` leaves the pending name beside the committed key
             // set; it would keep the first password working after a change, so it goes.
             if piccolo_keyset::keyset_path(&dir).exists() {
@@ -791,12 +803,10 @@ impl Persistence {
         let ids: Vec<String> = match kind {
             ExportKind::Control => vec![CONTROL.to_string()],
             ExportKind::Full => {
-                let dir = self.state_dir().to_path_buf();
-                journal::read_all(&dir)?
-                    .into_iter()
-                    .map(|r| r.volume_id)
-                    .filter(|id| dir.join("ciphertext").join(id).is_dir())
-                    .collect()
+                // Every journaled volume the broker knows (`ciphertext/` is root's: ask it).
+                let ids: Vec<String> = journal::read_all(self.state_dir())?.into_iter().map(|r| r.volume_id).collect();
+                let known = self.status_of(&ids).await?;
+                ids.into_iter().filter(|id| known.contains_key(id)).collect()
             }
         };
         self.set_state(LockState::Exporting);
@@ -804,10 +814,7 @@ impl Persistence {
         let (failed, store_err) = self.quiesce(kind == ExportKind::Full).await;
         let exported = match incomplete(failed, store_err) {
             Err(e) => Err(e),
-            Ok(()) => {
-                let dir = self.state_dir().to_path_buf();
-                blocking(move || Ok(piccolo_keyset::write_export_file(&dir, kind, &ids)?)).await
-            }
+            Ok(()) => self.write_export_file(kind, &ids).await,
         };
         match &exported {
             Ok((path, summary)) => {
@@ -843,8 +850,17 @@ impl Persistence {
         let result = match incomplete(failed, store_err) {
             Err(e) => Err(e),
             Ok(()) => {
-                let (dir, limits) = (self.state_dir().to_path_buf(), self.inner.config.import_limits.clone());
-                blocking(move || Ok(piccolo_keyset::import(reader, &dir, &limits)?)).await
+                let limits = &self.inner.config.import_limits;
+                self.inner.volumes.import_archive(Box::new(reader), limits).await.map_err(|e| match e {
+                    BrokerError::Archive(k) => Error::Keyset(k),
+                    // The broker's archive validation refused it: the same error kind as an
+                    // in-process import would give (the message is the broker's).
+                    BrokerError::Rejected(reason) => {
+                        let reason = reason.strip_prefix("import archive rejected: ").unwrap_or(&reason).to_string();
+                        Error::Keyset(piccolo_keyset::Error::ArchiveRejected { reason })
+                    }
+                    source => Error::Volume { step: "import", volume: "(archive)".into(), source },
+                })
             }
         };
         if let Ok(report) = &result {
@@ -853,6 +869,58 @@ impl Persistence {
         self.set_state(LockState::Locked);
         self.emit(Event::Locked { reason: LockReason::Import });
         result
+    }
+}
+
+impl Persistence {
+    /// Streams the export from the volume backend into `exports/<kind>/{control-plane,
+    /// full-data}.pcv` in this process's own `exports/` dir: temp file, fsync, rename, fsync
+    /// of the directory, so a reader never sees a partial archive under the final name.
+    async fn write_export_file(&self, kind: ExportKind, ids: &[String]) -> Result<(PathBuf, ExportSummary)> {
+        let name = match kind {
+            ExportKind::Control => "control-plane.pcv",
+            ExportKind::Full => "full-data.pcv",
+        };
+        let dir = self.state_dir().join("exports").join(kind.name());
+        let path = dir.join(name);
+        let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        let state_err = |dir: &Path| {
+            let dir = dir.to_path_buf();
+            move |source| Error::StateDir { path: dir, source }
+        };
+        let file = {
+            let (dir, tmp) = (dir.clone(), tmp.clone());
+            blocking(move || {
+                crate::durable::private_dir(&dir).map_err(state_err(&dir))?;
+                // A leftover temp file of this pid is never read: replace it.
+                let _ = std::fs::remove_file(&tmp);
+                std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(state_err(&tmp))
+            })
+            .await?
+        };
+        let exported = self.inner.volumes.export_archive(kind, ids, file).await.map_err(|e| match e {
+            BrokerError::Archive(k) => Error::Keyset(k),
+            source => Error::Volume { step: "export", volume: ids.join(","), source },
+        });
+        let (dir2, tmp2, path2) = (dir.clone(), tmp.clone(), path.clone());
+        let result = match exported {
+            Ok((file, summary)) => {
+                blocking(move || {
+                    file.sync_all().map_err(state_err(&tmp2))?;
+                    drop(file);
+                    std::fs::rename(&tmp2, &path2).map_err(state_err(&path2))?;
+                    crate::durable::fsync_dir(&dir2).map_err(state_err(&dir2))?;
+                    Ok(summary)
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            // Never read under the temp name; removing it is tidy-up only.
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result.map(|summary| (path, summary))
     }
 }
 

@@ -133,6 +133,17 @@ impl Volumes {
         self.state_dir.join(MOUNTS_DIR).join(id.as_str())
     }
 
+    /// Takes the lock every create/mount/unmount takes, for a caller that reads or replaces
+    /// ciphertext itself (the broker's export and import) and must not race a mount.
+    pub fn exclusive(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.guard()
+    }
+
+    /// The metadata of volume `id` ([`Error::NotFound`] if it does not exist).
+    pub fn metadata(&self, id: &VolumeId) -> Result<Meta, Error> {
+        self.meta(id)
+    }
+
     fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
         // The lock guards no data, only ordering: a poisoned one is still usable.
         self.lock.lock().unwrap_or_else(|p| p.into_inner())
@@ -178,6 +189,21 @@ impl Volumes {
         (uid, gid): (u32, u32),
         presented: Option<(u32, u32)>,
     ) -> Result<(), Error> {
+        self.create_presented_as(id, class, key, (uid, gid), presented.map(|(u, g)| (u, g, None)))
+    }
+
+    /// [`Volumes::create_presented`] that also records the presented user's name (so an
+    /// import on other hardware can re-resolve its uid:gid).
+    pub fn create_presented_as(
+        &self,
+        id: &VolumeId,
+        class: Class,
+        key: &Key,
+        (uid, gid): (u32, u32),
+        presented: Option<(u32, u32, Option<&str>)>,
+    ) -> Result<(), Error> {
+        let presented_user = presented.and_then(|(_, _, n)| n).map(str::to_string);
+        let presented = presented.map(|(u, g, _)| (u, g));
         class.check_id(id)?;
         let _g = self.guard();
         self.ensure_layout()?;
@@ -208,6 +234,7 @@ impl Volumes {
             fsync_dir(&data)?;
             let mut meta = Meta::new(id, class, key, uid, gid);
             meta.presented = presented.filter(|p| *p != (uid, gid));
+            meta.presented_user = presented_user.filter(|_| meta.presented.is_some());
             meta.write(&staging)?;
             std::fs::rename(&staging, &dir).map_err(Error::io("rename", &dir))?;
             fsync_dir(&parent)

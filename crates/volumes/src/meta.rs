@@ -44,6 +44,10 @@ pub struct Meta {
     /// owner. Only the owner may mount; the mount and its files appear as this uid:gid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub presented: Option<(u32, u32)>,
+    /// The presented user's name (recorded since archives: an import on other hardware
+    /// re-resolves the presented uid:gid by this name, since uids differ between machines).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presented_user: Option<String>,
     /// RFC 3339 UTC.
     pub created: String,
     /// Hex HMAC-SHA256 key check.
@@ -90,6 +94,7 @@ impl Meta {
             owner_uid,
             owner_gid,
             presented: None,
+            presented_user: None,
             created,
             key_check: key_check(key, id),
         }
@@ -202,6 +207,10 @@ mod tests {
         p.presented = Some((8, 9));
         p.write(d.path()).unwrap();
         assert_eq!(Meta::read(d.path(), &id).unwrap().presented_as(), (8, 9));
+        // The presented user's name round-trips (imports re-resolve it); absent stays absent.
+        p.presented_user = Some("piccolo-apps".into());
+        p.write(d.path()).unwrap();
+        assert_eq!(Meta::read(d.path(), &id).unwrap().presented_user.as_deref(), Some("piccolo-apps"));
         assert!(matches!(Meta::read(d.path(), &VolumeId::parse("app-b").unwrap()), Err(Error::Metadata { .. })));
         std::fs::write(d.path().join(META_FILE), "{\"format\":2}").unwrap();
         assert!(matches!(Meta::read(d.path(), &id), Err(Error::Metadata { .. })));

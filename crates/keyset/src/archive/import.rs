@@ -81,6 +81,91 @@ pub struct ImportReport {
 /// error before the swap the state dir is left as it was. The volumes must be unmounted and
 /// the store locked; after success the caller must unlock again (see [`ImportReport`]).
 pub fn import<R: Read>(reader: R, state_dir: &Path, limits: &ImportLimits) -> Result<ImportReport> {
+    import_with_hooks(reader, state_dir, limits, &mut NoHooks)
+}
+
+/// What an [`ImportHooks`] callback learns about the archive (from its validated manifest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestInfo {
+    /// `control` or `full`.
+    pub kind: ExportKind,
+    /// The volumes the archive replaces, in archive order.
+    pub volumes: Vec<String>,
+    /// Fingerprint of the key set the volumes are encrypted under.
+    pub key_id: String,
+    /// When the export was made (RFC 3339).
+    pub created: String,
+}
+
+/// Callbacks into [`import_with_hooks`], for a caller that must judge or adjust an import
+/// before it is swapped in (the broker: policy per volume id, ownership of the staged tree).
+/// An error refuses the import with nothing changed; wrap foreign errors in
+/// [`Error::Refused`].
+pub trait ImportHooks {
+    /// After the manifest is validated and before anything is staged.
+    fn manifest(&mut self, _info: &ManifestInfo) -> Result<()> {
+        Ok(())
+    }
+    /// After every entry is staged and verified, before the journal (the commit point).
+    /// `staged` mirrors the state-dir layout (`crypto/keyset.json`, `ciphertext/<id>`,
+    /// `volumes/<id>`); whatever the hook changes there must be durable when it returns.
+    fn staged(&mut self, _staged: &Path, _info: &ManifestInfo) -> Result<()> {
+        Ok(())
+    }
+}
+
+struct NoHooks;
+impl ImportHooks for NoHooks {}
+
+/// Reads the first tar entry of an archive (which must be `manifest.json`, at most
+/// `max_manifest_bytes`) and returns what it says, with every byte consumed, so the caller can
+/// send those bytes on followed by the rest of the stream. Nothing is trusted: the importer
+/// validates the whole archive again; this only lets a client declare the archive's volumes
+/// up front (the broker's policy decides on them before it reads the rest).
+pub fn peek_manifest<R: Read>(reader: &mut R, max_manifest_bytes: u64) -> Result<(ManifestInfo, Vec<u8>)> {
+    let mut prefix = vec![0u8; 512];
+    reader.read_exact(&mut prefix).map_err(read_err)?;
+    let header = tar::Header::from_byte_slice(&prefix);
+    let path = header.path_bytes();
+    if &path[..] != MANIFEST_NAME.as_bytes() || !matches!(header.entry_type().as_byte(), b'0' | b'\0') {
+        return Err(rejected(format!("first entry must be {MANIFEST_NAME}")));
+    }
+    let size = header.entry_size().map_err(read_err)?;
+    if size > max_manifest_bytes {
+        return Err(Error::LimitExceeded { what: "manifest size", limit: max_manifest_bytes });
+    }
+    let padded = size.div_ceil(512) * 512;
+    let start = prefix.len();
+    prefix.resize(start + usize::try_from(padded).map_err(|_| truncated("the manifest is too large"))?, 0);
+    reader.read_exact(&mut prefix[start..]).map_err(|_| truncated("the manifest ends early"))?;
+    let body = &prefix[start..start + usize::try_from(size).unwrap_or(0)];
+    let probe: VersionProbe =
+        serde_json::from_slice(body).map_err(|e| rejected(format!("manifest is not valid JSON: {e}")))?;
+    if probe.format != ARCHIVE_FORMAT || probe.version != ARCHIVE_VERSION {
+        return Err(Error::UnsupportedArchiveVersion { format: printable(&probe.format), version: probe.version });
+    }
+    let m: Manifest = serde_json::from_slice(body).map_err(|e| rejected(format!("manifest is malformed: {e}")))?;
+    Ok((m.info(), prefix))
+}
+
+impl Manifest {
+    fn info(&self) -> ManifestInfo {
+        ManifestInfo {
+            kind: self.kind,
+            volumes: self.volumes.clone(),
+            key_id: self.key_id.clone(),
+            created: self.created.clone(),
+        }
+    }
+}
+
+/// [`import`] with callbacks before staging and before the swap.
+pub fn import_with_hooks<R: Read>(
+    reader: R,
+    state_dir: &Path,
+    limits: &ImportLimits,
+    hooks: &mut dyn ImportHooks,
+) -> Result<ImportReport> {
     recover_interrupted_import(state_dir)?;
     let state = Rc::new(RefCell::new(ChecksumState::default()));
     let reader = ChecksumReader::new(BufReader::with_capacity(256 * 1024, reader), Rc::clone(&state));
@@ -101,6 +186,8 @@ pub fn import<R: Read>(reader: R, state_dir: &Path, limits: &ImportLimits) -> Re
         return Err(Error::KeysetMismatch);
     }
     check_not_mounted(state_dir, &manifest.volumes)?;
+    let info = manifest.info();
+    hooks.manifest(&info)?;
 
     let staging = Staging::create(state_dir)?;
     let new_root = staging.new_dir();
@@ -160,6 +247,7 @@ pub fn import<R: Read>(reader: R, state_dir: &Path, limits: &ImportLimits) -> Re
         }
     }
     finish_dirs(&new_root, &manifest)?;
+    hooks.staged(&new_root, &info)?;
     let orphaned_volumes = match (&live_keyset, keyset_replaced) {
         (Some(live), true) if live.key_id() != manifest.key_id => orphans(state_dir, &manifest.volumes),
         _ => Vec::new(),

@@ -38,7 +38,7 @@ mod manifest;
 mod swap;
 
 pub use export::{ExportSummary, write_export, write_export_file};
-pub use import::{ImportLimits, ImportReport, import};
+pub use import::{ImportHooks, ImportLimits, ImportReport, ManifestInfo, import, import_with_hooks, peek_manifest};
 pub use manifest::{ExportKind, MAX_VOLUME_ID_LEN, validate_volume_id};
 pub use swap::recover_interrupted_import;
 

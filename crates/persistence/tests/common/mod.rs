@@ -268,6 +268,40 @@ impl VolumeBackend for LocalGocryptfs {
     fn volume_status<'a>(&'a self, id: Option<&'a str>) -> BoxFuture<'a, Result<Vec<VolumeInfo>, BrokerError>> {
         Box::pin(async move { self.status(id) })
     }
+    // Root stand-in: the archive code runs in-process on the state dir (the broker runs the
+    // same functions as root in production).
+    fn export_archive<'a>(
+        &'a self,
+        kind: piccolo_keyset::ExportKind,
+        ids: &'a [String],
+        out: std::fs::File,
+    ) -> BoxFuture<'a, Result<(std::fs::File, piccolo_keyset::ExportSummary), BrokerError>> {
+        let (dir, ids) = (self.state_dir.clone(), ids.to_vec());
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let mut w = std::io::BufWriter::new(out);
+                let summary = piccolo_keyset::write_export(&dir, kind, &ids, &mut w).map_err(BrokerError::Archive)?;
+                let file = w.into_inner().map_err(|e| failed("Internal", e.to_string()))?;
+                Ok((file, summary))
+            })
+            .await
+            .unwrap()
+        })
+    }
+    fn import_archive<'a>(
+        &'a self,
+        reader: Box<dyn std::io::Read + Send>,
+        limits: &'a piccolo_keyset::ImportLimits,
+    ) -> BoxFuture<'a, Result<piccolo_keyset::ImportReport, BrokerError>> {
+        let (dir, limits) = (self.state_dir.clone(), limits.clone());
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                piccolo_keyset::import(reader, &dir, &limits).map_err(BrokerError::Archive)
+            })
+            .await
+            .unwrap()
+        })
+    }
 }
 
 /// Every file under `root` (not following symlinks, skipping `skip`) whose bytes contain `needle`.
