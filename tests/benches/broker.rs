@@ -135,6 +135,28 @@ fn rss_kib(pid: i32) -> u64 {
         .unwrap()
 }
 
+/// (Rss, Anonymous) in KiB from `smaps_rollup`: what is left is file-backed (code, mostly).
+fn rss_split_kib(pid: i32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("Rss:"), field("Anonymous:"))
+}
+
+/// CPU time (user + system, every thread) the process has used, from `/proc/<pid>/stat`.
+fn cpu_time(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<u64> = rest.split(' ').skip(11).take(2).map(|v| v.parse().unwrap()).collect();
+    // /proc reports clock ticks of USER_HZ, which is 100 on Linux (every architecture we build for).
+    Duration::from_micros((f[0] + f[1]) * 10_000)
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1e3)
 }
@@ -156,12 +178,16 @@ fn main() {
         .build()
         .unwrap()
         .block_on(broker_latency(&b.socket, n));
+    let cpu0 = cpu_time(b.pid());
     let t1 = rt.block_on(throughput(&b.socket, 1, n));
+    let cpu1 = cpu_time(b.pid());
     let t8 = rt.block_on(throughput(&b.socket, 8, n));
+    let cpu8 = cpu_time(b.pid());
     let per = rss_calls / 8;
     let t_rss = Instant::now();
     rt.block_on(throughput(&b.socket, 8, per));
     let rss = rss_kib(b.pid());
+    let (rollup_rss, anon) = rss_split_kib(b.pid());
 
     println!("broker benchmark ({n} sequential calls per latency row; same machine, same run)");
     println!("{:<34} {:>12} {:>12}", "", "p50", "p99");
@@ -172,11 +198,21 @@ fn main() {
     println!("GetInfo p50 / fsync-echo p50 = {ratio:.2}x (target <= 1.5x)");
     println!("calls/s, 1 client:  {t1:.0}");
     println!("calls/s, 8 clients: {t8:.0}  ({:.2}x single client; target >= 4x)", t8 / t1);
+    let per_call = |d: Duration, calls: usize| d.as_secs_f64() * 1e6 / calls as f64;
+    println!(
+        "broker CPU per call (user+sys, all threads): {:.0} us with 1 client, {:.0} us with 8",
+        per_call(cpu1 - cpu0, n),
+        per_call(cpu8 - cpu1, 8 * n)
+    );
     println!(
         "broker RSS after {} calls: {} KiB ({:.2} MiB; target < 8 MiB) [{:.1}s]",
         n * 10 + 50 + per * 8,
         rss,
         rss as f64 / 1024.0,
         t_rss.elapsed().as_secs_f64()
+    );
+    println!(
+        "  smaps_rollup: Rss {rollup_rss} KiB = anonymous {anon} KiB + file-backed {} KiB (code of the broker and its libraries)",
+        rollup_rss.saturating_sub(anon)
     );
 }
