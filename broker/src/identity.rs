@@ -146,6 +146,23 @@ fn unit_of(cgroup: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use tonic::transport::server::Connected;
+
+    /// A real socket pair: the peer seen on one end is this process, read at accept time.
+    #[tokio::test]
+    async fn peer_info_names_the_connecting_process() {
+        let (a, _b) = tokio::net::UnixStream::pair().unwrap();
+        let peer = super::PeerInfo::new(a.connect_info());
+        let cred = peer.0.uds.peer_cred.expect("SO_PEERCRED");
+        assert_eq!(cred.pid(), Some(i32::try_from(std::process::id()).unwrap()));
+        assert_eq!(cred.uid(), nix::unistd::geteuid().as_raw());
+        let exe = std::fs::read_link("/proc/self/exe").unwrap().display().to_string();
+        assert_eq!(peer.0.exe.as_deref(), Some(exe.as_str()));
+        // Clones share the one read: tonic hands a clone to every request of the connection.
+        let again = peer.clone();
+        assert!(std::sync::Arc::ptr_eq(&peer.0, &again.0));
+    }
+
     #[test]
     fn unit_from_cgroup() {
         assert_eq!(super::unit_of("0::/system.slice/piccolo-api.service\n").as_deref(), Some("piccolo-api.service"));
