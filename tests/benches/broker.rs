@@ -126,6 +126,26 @@ async fn throughput(socket: &Path, clients: usize, per_client: usize) -> f64 {
     (clients * per_client) as f64 / t.elapsed().as_secs_f64()
 }
 
+/// The broker's last durable audit seq, as `GetInfo` reports it.
+async fn audit_seq(socket: &Path) -> u64 {
+    client(socket).await.get_info(GetInfoRequest {}).await.unwrap().into_inner().audit_seq
+}
+
+/// Mean records per group commit for seqs in `(from, to]`: the writer stamps one `ts` on
+/// every record of a batch, so a batch is a run of consecutive records with the same `ts`.
+fn records_per_commit(log: &Path, from: u64, to: u64) -> f64 {
+    let files = piccolo_audit::chain_files(log);
+    let (mut records, mut batches, mut last_ts) = (0u64, 0u64, String::new());
+    for rec in piccolo_audit::read_records(&files).flatten().filter(|r| r.seq > from && r.seq <= to) {
+        records += 1;
+        if rec.ts != last_ts {
+            batches += 1;
+            last_ts = rec.ts;
+        }
+    }
+    records as f64 / batches.max(1) as f64
+}
+
 fn rss_kib(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -182,8 +202,10 @@ fn main() {
     let (cpu0, own0) = (cpu_time(b.pid()), cpu_time(me));
     let t1 = rt.block_on(throughput(&b.socket, 1, n));
     let (cpu1, own1) = (cpu_time(b.pid()), cpu_time(me));
+    let seq1 = rt.block_on(audit_seq(&b.socket));
     let t8 = rt.block_on(throughput(&b.socket, 8, n));
     let (cpu8, own8) = (cpu_time(b.pid()), cpu_time(me));
+    let seq8 = rt.block_on(audit_seq(&b.socket));
     let per = rss_calls / 8;
     let t_rss = Instant::now();
     rt.block_on(throughput(&b.socket, 8, per));
@@ -205,6 +227,7 @@ fn main() {
         per_call(cpu1 - cpu0, n),
         per_call(cpu8 - cpu1, 8 * n)
     );
+    println!("records per group commit with 8 clients: {:.2}", records_per_commit(&b.audit, seq1, seq8));
     // The clients share the machine with the broker: on 2 cores, broker + client CPU per call
     // bounds the calls/s any number of clients can reach.
     println!(
