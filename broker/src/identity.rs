@@ -2,6 +2,8 @@
 //! Who is calling: SO_PEERCRED uid/gid (captured by the kernel at connect, not spoofable),
 //! plus the uid's supplementary groups. pid, executable and unit are for the audit log only.
 
+use std::sync::Arc;
+
 use piccolo_audit::Caller;
 use tonic::transport::server::UdsConnectInfo;
 
@@ -26,21 +28,44 @@ pub struct Identity {
     pub unit: Option<String>,
 }
 
-impl Identity {
-    /// Reads the peer credentials tonic captured for this request's connection.
-    pub fn of_request<T>(req: &tonic::Request<T>) -> Result<Identity, Error> {
-        let cred =
-            req.extensions().get::<UdsConnectInfo>().and_then(|ci| ci.peer_cred).ok_or(Error::NoPeerCredentials)?;
-        Ok(Identity::resolve(cred.uid(), cred.gid(), cred.pid()))
-    }
+/// What the broker learns about a connection's peer once, when it accepts the connection:
+/// the SO_PEERCRED credentials and the peer's executable and systemd unit. tonic copies it
+/// into every request of the connection ([`tonic::transport::server::Connected`]).
+///
+/// Read per connection, not per call and not cached by pid: the credentials belong to the
+/// connection anyway, and a pid can exit and be reused by another process while the
+/// connection stays open, so reading `/proc/<pid>` as early as possible (at accept, right
+/// after connect) names the process that connected more reliably than a read at each call.
+/// User name and groups are not part of it: they follow the user database ([`names`]).
+#[derive(Debug, Clone)]
+pub struct PeerInfo(Arc<Peer>);
 
-    /// Completes uid/gid/pid with names, groups, executable and unit.
-    pub fn resolve(uid: u32, gid: u32, pid: Option<i32>) -> Identity {
-        let (user, groups) = names::of_uid(uid);
+#[derive(Debug)]
+struct Peer {
+    uds: UdsConnectInfo,
+    exe: Option<String>,
+    unit: Option<String>,
+}
+
+impl PeerInfo {
+    /// Captures the peer of an accepted connection.
+    pub fn new(uds: UdsConnectInfo) -> PeerInfo {
+        let pid = uds.peer_cred.and_then(|c| c.pid());
         let exe = pid.and_then(|p| std::fs::read_link(format!("/proc/{p}/exe")).ok()).map(|p| p.display().to_string());
         let unit =
             pid.and_then(|p| std::fs::read_to_string(format!("/proc/{p}/cgroup")).ok()).and_then(|s| unit_of(&s));
-        Identity { uid, gid, pid, user, groups, exe, unit }
+        PeerInfo(Arc::new(Peer { uds, exe, unit }))
+    }
+}
+
+impl Identity {
+    /// The caller of this request: its connection's peer, completed with user name and groups.
+    pub fn of_request<T>(req: &tonic::Request<T>) -> Result<Identity, Error> {
+        let peer = req.extensions().get::<PeerInfo>().ok_or(Error::NoPeerCredentials)?;
+        let cred = peer.0.uds.peer_cred.ok_or(Error::NoPeerCredentials)?;
+        let (uid, gid, pid) = (cred.uid(), cred.gid(), cred.pid());
+        let (user, groups) = names::of_uid(uid);
+        Ok(Identity { uid, gid, pid, user, groups, exe: peer.0.exe.clone(), unit: peer.0.unit.clone() })
     }
 
     /// The audit log's view of the caller.
@@ -121,6 +146,23 @@ fn unit_of(cgroup: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use tonic::transport::server::Connected;
+
+    /// A real socket pair: the peer seen on one end is this process, read at accept time.
+    #[tokio::test]
+    async fn peer_info_names_the_connecting_process() {
+        let (a, _b) = tokio::net::UnixStream::pair().unwrap();
+        let peer = super::PeerInfo::new(a.connect_info());
+        let cred = peer.0.uds.peer_cred.expect("SO_PEERCRED");
+        assert_eq!(cred.pid(), Some(i32::try_from(std::process::id()).unwrap()));
+        assert_eq!(cred.uid(), nix::unistd::geteuid().as_raw());
+        let exe = std::fs::read_link("/proc/self/exe").unwrap().display().to_string();
+        assert_eq!(peer.0.exe.as_deref(), Some(exe.as_str()));
+        // Clones share the one read: tonic hands a clone to every request of the connection.
+        let again = peer.clone();
+        assert!(std::sync::Arc::ptr_eq(&peer.0, &again.0));
+    }
+
     #[test]
     fn unit_from_cgroup() {
         assert_eq!(super::unit_of("0::/system.slice/piccolo-api.service\n").as_deref(), Some("piccolo-api.service"));

@@ -11,16 +11,24 @@ use piccolo_audit::{AuditConfig, AuditLog, Entry};
 use piccolo_broker::config::{Args, Config};
 use piccolo_broker::guard::Ctx;
 use piccolo_broker::{backends, caps, reload, server};
+use tracing_subscriber::filter::LevelFilter;
 
 fn main() -> ExitCode {
+    // A plain level from RUST_LOG (`error` … `trace`, `off`; default `info`), not an
+    // EnvFilter: its directive parser pulls regex into the broker's resident text.
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let level = rust_log.as_deref().map(|v| v.trim().parse::<LevelFilter>().ok());
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_max_level(level.flatten().unwrap_or(LevelFilter::INFO))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if level == Some(None) {
+        tracing::warn!(
+            rust_log = rust_log.as_deref().unwrap_or_default(),
+            "RUST_LOG is not a plain level; logging at info"
+        );
+    }
     let args = Args::parse();
     if let Some(file) = &args.check_policy {
         return check_policy(file);

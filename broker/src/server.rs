@@ -13,9 +13,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tonic::transport::server::{Connected, UdsConnectInfo};
+use tonic::transport::server::Connected;
 
 use crate::guard::Shared;
+use crate::identity::PeerInfo;
 use crate::notify;
 
 /// How long SIGTERM waits for in-flight calls before giving up on them.
@@ -81,16 +82,17 @@ fn chown_chmod(path: &Path, gid: Option<u32>, mode: u32) -> std::io::Result<()> 
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
-/// A client connection holding one slot of the connection cap.
+/// A client connection holding one slot of the connection cap, and its peer as read at accept.
 struct Conn {
     io: UnixStream,
+    peer: PeerInfo,
     _slot: OwnedSemaphorePermit,
 }
 
 impl Connected for Conn {
-    type ConnectInfo = UdsConnectInfo;
-    fn connect_info(&self) -> UdsConnectInfo {
-        self.io.connect_info()
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.peer.clone()
     }
 }
 
@@ -121,7 +123,10 @@ pub async fn serve(ctx: Shared, listener: UnixListener) -> Result<(), tonic::tra
         async move {
             match r {
                 Ok(io) => match slots.try_acquire_owned() {
-                    Ok(slot) => Some(Ok::<_, std::io::Error>(Conn { io, _slot: slot })),
+                    Ok(slot) => {
+                        let peer = PeerInfo::new(io.connect_info());
+                        Some(Ok::<_, std::io::Error>(Conn { io, peer, _slot: slot }))
+                    }
                     Err(_) => {
                         tracing::warn!("connection cap reached; closing a new connection");
                         None

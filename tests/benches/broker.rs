@@ -126,6 +126,26 @@ async fn throughput(socket: &Path, clients: usize, per_client: usize) -> f64 {
     (clients * per_client) as f64 / t.elapsed().as_secs_f64()
 }
 
+/// The broker's last durable audit seq, as `GetInfo` reports it.
+async fn audit_seq(socket: &Path) -> u64 {
+    client(socket).await.get_info(GetInfoRequest {}).await.unwrap().into_inner().audit_seq
+}
+
+/// Mean records per group commit for seqs in `(from, to]`: the writer stamps one `ts` on
+/// every record of a batch, so a batch is a run of consecutive records with the same `ts`.
+fn records_per_commit(log: &Path, from: u64, to: u64) -> f64 {
+    let files = piccolo_audit::chain_files(log);
+    let (mut records, mut batches, mut last_ts) = (0u64, 0u64, String::new());
+    for rec in piccolo_audit::read_records(&files).flatten().filter(|r| r.seq > from && r.seq <= to) {
+        records += 1;
+        if rec.ts != last_ts {
+            batches += 1;
+            last_ts = rec.ts;
+        }
+    }
+    records as f64 / batches.max(1) as f64
+}
+
 fn rss_kib(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -133,6 +153,28 @@ fn rss_kib(pid: i32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
+}
+
+/// (Rss, Anonymous) in KiB from `smaps_rollup`: what is left is file-backed (code, mostly).
+fn rss_split_kib(pid: i32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("Rss:"), field("Anonymous:"))
+}
+
+/// CPU time (user + system, every thread) the process has used, from `/proc/<pid>/stat`.
+fn cpu_time(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<u64> = rest.split(' ').skip(11).take(2).map(|v| v.parse().unwrap()).collect();
+    // /proc reports clock ticks of USER_HZ, which is 100 on Linux (every architecture we build for).
+    Duration::from_micros((f[0] + f[1]) * 10_000)
 }
 
 fn ms(d: Duration) -> String {
@@ -156,12 +198,19 @@ fn main() {
         .build()
         .unwrap()
         .block_on(broker_latency(&b.socket, n));
+    let me = i32::try_from(std::process::id()).unwrap();
+    let (cpu0, own0) = (cpu_time(b.pid()), cpu_time(me));
     let t1 = rt.block_on(throughput(&b.socket, 1, n));
+    let (cpu1, own1) = (cpu_time(b.pid()), cpu_time(me));
+    let seq1 = rt.block_on(audit_seq(&b.socket));
     let t8 = rt.block_on(throughput(&b.socket, 8, n));
+    let (cpu8, own8) = (cpu_time(b.pid()), cpu_time(me));
+    let seq8 = rt.block_on(audit_seq(&b.socket));
     let per = rss_calls / 8;
     let t_rss = Instant::now();
     rt.block_on(throughput(&b.socket, 8, per));
     let rss = rss_kib(b.pid());
+    let (rollup_rss, anon) = rss_split_kib(b.pid());
 
     println!("broker benchmark ({n} sequential calls per latency row; same machine, same run)");
     println!("{:<34} {:>12} {:>12}", "", "p50", "p99");
@@ -172,11 +221,29 @@ fn main() {
     println!("GetInfo p50 / fsync-echo p50 = {ratio:.2}x (target <= 1.5x)");
     println!("calls/s, 1 client:  {t1:.0}");
     println!("calls/s, 8 clients: {t8:.0}  ({:.2}x single client; target >= 4x)", t8 / t1);
+    let per_call = |d: Duration, calls: usize| d.as_secs_f64() * 1e6 / calls as f64;
+    println!(
+        "broker CPU per call (user+sys, all threads): {:.0} us with 1 client, {:.0} us with 8",
+        per_call(cpu1 - cpu0, n),
+        per_call(cpu8 - cpu1, 8 * n)
+    );
+    println!("records per group commit with 8 clients: {:.2}", records_per_commit(&b.audit, seq1, seq8));
+    // The clients share the machine with the broker: on 2 cores, broker + client CPU per call
+    // bounds the calls/s any number of clients can reach.
+    println!(
+        "bench client CPU per call (this process): {:.0} us with 1 client, {:.0} us with 8",
+        per_call(own1 - own0, n),
+        per_call(own8 - own1, 8 * n)
+    );
     println!(
         "broker RSS after {} calls: {} KiB ({:.2} MiB; target < 8 MiB) [{:.1}s]",
         n * 10 + 50 + per * 8,
         rss,
         rss as f64 / 1024.0,
         t_rss.elapsed().as_secs_f64()
+    );
+    println!(
+        "  smaps_rollup: Rss {rollup_rss} KiB = anonymous {anon} KiB + file-backed {} KiB (code of the broker and its libraries)",
+        rollup_rss.saturating_sub(anon)
     );
 }

@@ -150,16 +150,29 @@ pub(crate) fn hash_without_hash_field(v: &Value) -> String {
 
 impl Record {
     /// Builds and hashes a record; returns it with its line (no trailing newline).
+    ///
+    /// Writes the canonical bytes directly (keys in sorted order, see the `encode_*`
+    /// helpers) instead of building a `serde_json::Value` and sorting it: this runs for every
+    /// call before its fsync. `hash` sorts between `duration_us` and `intent_seq`, so the
+    /// encoding is built as a head (`{` … `duration_us`) and a tail (`,"intent_seq"` … `}`):
+    /// the hash covers head + tail, the stored line is head + `,"hash":"…"` + tail. The
+    /// tests check the result byte for byte against the generic canonical encoder.
     pub(crate) fn seal(entry: Entry, seq: u64, ts: String, prev: String) -> (Record, String) {
-        let mut rec = Record { seq, ts, entry, prev, hash: String::new() };
-        // Serializing plain data structures into a Value cannot fail.
-        let mut v = serde_json::to_value(&rec).unwrap_or(Value::Null);
-        rec.hash = hash_without_hash_field(&v);
-        if let Value::Object(m) = &mut v {
-            m.insert("hash".into(), Value::String(rec.hash.clone()));
-        }
-        let line = canonical::to_string(&v);
-        (rec, line)
+        let mut head = String::with_capacity(384);
+        let mut tail = String::with_capacity(256);
+        encode_head(&entry, &mut head);
+        encode_tail(&entry, seq, &ts, &prev, &mut tail);
+        let mut sha = Sha256::new();
+        sha.update(head.as_bytes());
+        sha.update(tail.as_bytes());
+        let hash = hex::encode(sha.finalize());
+        let mut line = head;
+        line.reserve(tail.len() + 76);
+        line.push_str(",\"hash\":\"");
+        line.push_str(&hash);
+        line.push('"');
+        line.push_str(&tail);
+        (Record { seq, ts, entry, prev, hash }, line)
     }
 
     /// Parses one stored line and checks that it is canonical and self-consistent.
@@ -179,6 +192,81 @@ impl Record {
         }
         Ok(rec)
     }
+}
+
+/// `{"args":…,"caller":{…},"decision":…,"duration_us":…` (keys before `hash`, sorted).
+fn encode_head(e: &Entry, out: &mut String) {
+    out.push_str("{\"args\":");
+    canonical::write(&e.args, out);
+    if let Some(c) = &e.caller {
+        out.push_str(",\"caller\":{");
+        // exe < gid < pid < uid < unit < user; `gid` always present, so commas follow it.
+        if let Some(exe) = &c.exe {
+            out.push_str("\"exe\":");
+            canonical::write_str(exe, out);
+            out.push(',');
+        }
+        push_num(out, "\"gid\":", c.gid);
+        if let Some(pid) = c.pid {
+            push_num(out, ",\"pid\":", pid);
+        }
+        push_num(out, ",\"uid\":", c.uid);
+        if let Some(unit) = &c.unit {
+            out.push_str(",\"unit\":");
+            canonical::write_str(unit, out);
+        }
+        if let Some(user) = &c.user {
+            out.push_str(",\"user\":");
+            canonical::write_str(user, out);
+        }
+        out.push('}');
+    }
+    if let Some(d) = e.decision {
+        out.push_str(match d {
+            Decision::Allow => ",\"decision\":\"allow\"",
+            Decision::Deny => ",\"decision\":\"deny\"",
+        });
+    }
+    if let Some(us) = e.duration_us {
+        push_num(out, ",\"duration_us\":", us);
+    }
+}
+
+/// `,"intent_seq":…,"kind":…,"outcome":{…},"prev":…,"rpc":…,"seq":…,"ts":…}` (keys after `hash`).
+fn encode_tail(e: &Entry, seq: u64, ts: &str, prev: &str, out: &mut String) {
+    if let Some(s) = e.intent_seq {
+        push_num(out, ",\"intent_seq\":", s);
+    }
+    out.push_str(match e.kind {
+        Kind::Call => ",\"kind\":\"call\"",
+        Kind::Intent => ",\"kind\":\"intent\"",
+        Kind::Outcome => ",\"kind\":\"outcome\"",
+        Kind::Event => ",\"kind\":\"event\"",
+    });
+    if let Some(o) = &e.outcome {
+        out.push_str(",\"outcome\":{\"code\":");
+        canonical::write_str(&o.code, out);
+        if let Some(m) = &o.message {
+            out.push_str(",\"message\":");
+            canonical::write_str(m, out);
+        }
+        out.push('}');
+    }
+    out.push_str(",\"prev\":");
+    canonical::write_str(prev, out);
+    out.push_str(",\"rpc\":");
+    canonical::write_str(&e.rpc, out);
+    push_num(out, ",\"seq\":", seq);
+    out.push_str(",\"ts\":");
+    canonical::write_str(ts, out);
+    out.push('}');
+}
+
+fn push_num(out: &mut String, key: &str, n: impl std::fmt::Display) {
+    use std::fmt::Write;
+    out.push_str(key);
+    // Writing into a String cannot fail; integers render as serde_json renders them.
+    let _ = write!(out, "{n}");
 }
 
 fn short(h: &str) -> &str {
@@ -215,5 +303,56 @@ mod tests {
         assert!(Record::parse_checked(&edited).unwrap_err().contains("hash mismatch"));
         let spaced = line.replacen(',', ", ", 1);
         assert!(Record::parse_checked(&spaced).unwrap_err().contains("canonical"));
+    }
+
+    /// The encoding before the direct writer: serde_json `Value`, then the generic encoder.
+    fn reference(rec: &Record) -> (String, String) {
+        let v = serde_json::to_value(rec).unwrap();
+        (hash_without_hash_field(&v), canonical::to_string(&v))
+    }
+
+    fn opt<T: std::fmt::Debug>(
+        s: impl proptest::strategy::Strategy<Value = T>,
+    ) -> impl proptest::strategy::Strategy<Value = Option<T>> {
+        proptest::option::of(s)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+        #[test]
+        fn direct_encoding_is_byte_identical_to_the_generic_one(
+            kind in 0usize..4, rpc in "\\PC{0,12}|[\"\\\\\u{0}-\u{1f}\u{7f}é😀]{0,6}",
+            caller in opt((proptest::prelude::any::<u32>(), proptest::prelude::any::<u32>(), opt(proptest::prelude::any::<i32>()),
+                opt("\\PC{0,8}"), opt("[/a-z\u{0}-\u{1f}\"]{0,10}"), opt("\\PC{0,8}"))),
+            args in proptest::collection::btree_map("\\PC{0,6}", proptest::prelude::any::<i64>(), 0..4),
+            nested in opt("\\PC{0,8}"),
+            decision in opt(proptest::prelude::any::<bool>()),
+            outcome in opt(("[A-Z_]{1,10}", opt("\\PC{0,16}"))),
+            duration in opt(proptest::prelude::any::<u64>()), intent in opt(proptest::prelude::any::<u64>()),
+            seq in proptest::prelude::any::<u64>(), ts in "\\PC{0,25}", prev in "[0-9a-f]{64}",
+        ) {
+            let mut a = serde_json::Map::new();
+            for (k, n) in args {
+                a.insert(k, n.into());
+            }
+            if let Some(s) = nested {
+                a.insert("nested".into(), serde_json::json!({"z": [s, null, true, 1.5], "a": {}}));
+            }
+            let entry = Entry {
+                kind: [Kind::Call, Kind::Intent, Kind::Outcome, Kind::Event][kind],
+                rpc,
+                caller: caller.map(|(uid, gid, pid, user, exe, unit)| Caller { uid, gid, pid, user, exe, unit }),
+                args: if a.is_empty() && seq % 3 == 0 { Value::Null } else { Value::Object(a) },
+                decision: decision.map(|d| if d { Decision::Allow } else { Decision::Deny }),
+                outcome: outcome.map(|(code, message)| Outcome { code, message }),
+                duration_us: duration,
+                intent_seq: intent,
+            };
+            let (rec, line) = Record::seal(entry, seq, ts, prev);
+            let (hash, want) = reference(&rec);
+            proptest::prop_assert_eq!(&rec.hash, &hash);
+            proptest::prop_assert_eq!(&line, &want);
+            proptest::prop_assert_eq!(Record::parse_checked(&line).unwrap(), rec);
+        }
     }
 }

@@ -26,7 +26,9 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 const MAX_BATCH: usize = 1024;
 /// After a commit the writer polls this long before it parks: a busy caller's next record
 /// usually arrives within one round trip, and not parking saves a futex wake-up per call.
-/// Costs at most this much CPU per commit, and nothing while the broker is idle.
+/// Costs at most this much CPU per commit, and nothing while the broker is idle. The poll
+/// yields between checks instead of spinning (measured: broker CPU per sequential call
+/// 183-187 µs vs 193-203 µs, p99 0.40 ms vs 0.53-0.65 ms, p50 the same within noise).
 const POLL_AFTER_COMMIT: Duration = Duration::from_micros(200);
 
 /// Where and how the log is kept.
@@ -304,14 +306,16 @@ impl Writer {
     }
 }
 
-/// The next queued message if one arrives before `deadline` (busy-polling, no parking).
+/// The next queued message if one arrives before `deadline` (polling with `yield_now`, no parking).
 fn poll_until<T>(rx: &mpsc::Receiver<T>, deadline: Instant) -> Option<T> {
     loop {
         match rx.try_recv() {
             Ok(m) => return Some(m),
             Err(mpsc::TryRecvError::Disconnected) => return None,
             Err(mpsc::TryRecvError::Empty) if Instant::now() >= deadline => return None,
-            Err(mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
+            // Yield rather than spin: on a small machine the caller and the tokio worker need
+            // the CPU this thread would burn, and a runnable thread is still woken without a futex.
+            Err(mpsc::TryRecvError::Empty) => std::thread::yield_now(),
         }
     }
 }
