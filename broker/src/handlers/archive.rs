@@ -72,20 +72,8 @@ fn keyset_error(e: piccolo_keyset::Error) -> Error {
         other => other,
     };
     let code = match &e {
-        K::VolumeIds { .. }
-        | K::ReadArchive { .. }
-        | K::ArchiveRejected { .. }
-        | K::UnsupportedArchiveVersion { .. }
-        | K::PathRejected { .. }
-        | K::EntryTypeRejected { .. }
-        | K::DigestMismatch { .. }
-        | K::ChecksumMismatch
-        | K::LimitExceeded { .. }
-        | K::KeysetMismatch
-        | K::UnsupportedKeysetVersion { .. }
-        | K::ParseKeyset { .. }
-        | K::InvalidKeyset { .. }
-        | K::KdfParamsOutOfRange { .. } => Code::InvalidArgument,
+        e if e.is_archive_rejection() => Code::InvalidArgument,
+        K::VolumeIds { .. } => Code::InvalidArgument,
         K::MissingVolume { .. } => Code::NotFound,
         K::VolumeMounted { .. } | K::TreeChanged { .. } | K::UnsupportedFile { .. } | K::ReadKeyset { .. } => {
             Code::FailedPrecondition

@@ -281,3 +281,27 @@ pub enum Error {
 
 /// Convenience alias.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Whether this refuses an archive (or the key set inside one) for what it contains:
+    /// the caller sent something bad, nothing on this side failed. The broker maps these to
+    /// INVALID_ARGUMENT and the API to 422, from this one list.
+    pub fn is_archive_rejection(&self) -> bool {
+        matches!(
+            self,
+            Error::ReadArchive { .. }
+                | Error::ArchiveRejected { .. }
+                | Error::UnsupportedArchiveVersion { .. }
+                | Error::PathRejected { .. }
+                | Error::EntryTypeRejected { .. }
+                | Error::DigestMismatch { .. }
+                | Error::ChecksumMismatch
+                | Error::LimitExceeded { .. }
+                | Error::KeysetMismatch
+                | Error::UnsupportedKeysetVersion { .. }
+                | Error::ParseKeyset { .. }
+                | Error::InvalidKeyset { .. }
+                | Error::KdfParamsOutOfRange { .. }
+        )
+    }
+}

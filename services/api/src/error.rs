@@ -172,20 +172,8 @@ impl From<piccolo_keyset::Error> for ApiError {
             e @ K::RecoveryKeyMistyped { .. } => ApiError::MistypedRecoveryKey(e.to_string()),
             K::KeysetExists { .. } => ApiError::AlreadyInitialised,
             e @ (K::PasswordTooShort { .. } | K::PasswordTooLong { .. }) => ApiError::BadRequest(e.to_string()),
-            e @ (K::ReadArchive { .. }
-            | K::ArchiveRejected { .. }
-            | K::UnsupportedArchiveVersion { .. }
-            | K::PathRejected { .. }
-            | K::EntryTypeRejected { .. }
-            | K::DigestMismatch { .. }
-            | K::ChecksumMismatch
-            | K::LimitExceeded { .. }
-            | K::KeysetMismatch
-            | K::VolumeMounted { .. }
-            | K::UnsupportedKeysetVersion { .. }
-            | K::ParseKeyset { .. }
-            | K::InvalidKeyset { .. }
-            | K::KdfParamsOutOfRange { .. }) => ApiError::ImportRejected(e.to_string()),
+            e @ K::VolumeMounted { .. } => ApiError::ImportRejected(e.to_string()),
+            e if e.is_archive_rejection() => ApiError::ImportRejected(e.to_string()),
             other => {
                 tracing::error!(error = %ErrorChain(&other), "key set operation failed");
                 ApiError::Internal
