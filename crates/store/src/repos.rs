@@ -127,6 +127,37 @@ fn to_u64(v: i64) -> u64 {
 
 // ---- auth: signing keys ---------------------------------------------------------------
 
+fn check_signing_key(op: &'static str, key_id: &str, algorithm: &str, secret: &[u8]) -> Result<()> {
+    check_name(op, "key id", key_id)?;
+    check_name(op, "algorithm", algorithm)?;
+    if secret.is_empty() || secret.len() > 16 * 1024 {
+        return Err(Error::InvalidInput { op, reason: "key material must be 1..=16384 bytes".into() });
+    }
+    Ok(())
+}
+
+/// Adds `key` as the active signing key under revision `rev`; an existing id is invalid input.
+fn insert_signing_key(
+    tx: &Transaction<'_>,
+    op: &'static str,
+    (key_id, algorithm, secret): (&str, &str, &[u8]),
+    at: &str,
+    rev: &Revision,
+) -> Result<()> {
+    tx.execute(
+        "INSERT INTO auth_signing_keys (key_id, algorithm, secret, created, retired, revision)
+         VALUES (?1, ?2, ?3, ?4, NULL, ?5)",
+        params![key_id, algorithm, secret, at, rev_i64(rev)],
+    )
+    .map_err(|source| match source.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::ConstraintViolation) => {
+            Error::InvalidInput { op, reason: format!("signing key {key_id:?} already exists") }
+        }
+        _ => Error::Query { op, source },
+    })?;
+    Ok(())
+}
+
 pub(crate) fn write_signing_key(
     tx: &Transaction<'_>,
     at: &str,
@@ -136,25 +167,11 @@ pub(crate) fn write_signing_key(
     secret: &[u8],
 ) -> Result<Revision> {
     let op = "write_signing_key";
-    check_name(op, "key id", key_id)?;
-    check_name(op, "algorithm", algorithm)?;
-    if secret.is_empty() || secret.len() > 16 * 1024 {
-        return Err(Error::InvalidInput { op, reason: "key material must be 1..=16384 bytes".into() });
-    }
+    check_signing_key(op, key_id, algorithm, secret)?;
     // The payload digest covers public fields only: the journal never commits to a secret.
     let digest = payload_digest(op, &(key_id, algorithm, at))?;
     let rev = journal::append(tx, op, at, actor, ChangeKind::SigningKeyWrite, key_id, digest)?;
-    tx.execute(
-        "INSERT INTO auth_signing_keys (key_id, algorithm, secret, created, retired, revision)
-         VALUES (?1, ?2, ?3, ?4, NULL, ?5)",
-        params![key_id, algorithm, secret, at, rev_i64(&rev)],
-    )
-    .map_err(|source| match source.sqlite_error_code() {
-        Some(rusqlite::ErrorCode::ConstraintViolation) => {
-            Error::InvalidInput { op, reason: format!("signing key {key_id:?} already exists") }
-        }
-        _ => Error::Query { op, source },
-    })?;
+    insert_signing_key(tx, op, (key_id, algorithm, secret), at, &rev)?;
     Ok(rev)
 }
 
@@ -197,11 +214,7 @@ pub(crate) fn write_signing_key_rotated(
 ) -> Result<SigningKeyRotation> {
     let op = "write_signing_key_rotated";
     let (key_id, algorithm, secret) = key;
-    check_name(op, "key id", key_id)?;
-    check_name(op, "algorithm", algorithm)?;
-    if secret.is_empty() || secret.len() > 16 * 1024 {
-        return Err(Error::InvalidInput { op, reason: "key material must be 1..=16384 bytes".into() });
-    }
+    check_signing_key(op, key_id, algorithm, secret)?;
     let ids = |sql: &str, arg: &str| -> Result<Vec<String>> {
         let mut stmt = tx.prepare_cached(sql).map_err(Error::query(op))?;
         let rows = stmt.query_map([arg], |r| r.get::<_, String>(0)).map_err(Error::query(op))?;
@@ -223,17 +236,7 @@ pub(crate) fn write_signing_key_rotated(
         params![at, rev_i64(&rev)],
     )
     .map_err(Error::query(op))?;
-    tx.execute(
-        "INSERT INTO auth_signing_keys (key_id, algorithm, secret, created, retired, revision)
-         VALUES (?1, ?2, ?3, ?4, NULL, ?5)",
-        params![key_id, algorithm, secret, at, rev_i64(&rev)],
-    )
-    .map_err(|source| match source.sqlite_error_code() {
-        Some(rusqlite::ErrorCode::ConstraintViolation) => {
-            Error::InvalidInput { op, reason: format!("signing key {key_id:?} already exists") }
-        }
-        _ => Error::Query { op, source },
-    })?;
+    insert_signing_key(tx, op, (key_id, algorithm, secret), at, &rev)?;
     Ok(SigningKeyRotation { revision: rev, retired, pruned })
 }
 
