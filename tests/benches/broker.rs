@@ -6,9 +6,14 @@
 //!   record per message first: the floor for any durably audited call;
 //! - `GetInfo`: a real broker call (policy check, identity lookup, durable audit record).
 //!
+//! The rows are measured in interleaved rounds (`BENCH_ROUNDS`, default 5: echo, fsync-echo,
+//! GetInfo, then 1 and 8 clients, again and again), so a drift in the machine's fsync
+//! latency or load moves the floor and the broker alike instead of skewing one ratio; the
+//! per-round ratios are printed next to the pooled one.
+//!
 //! Run: `cargo bench -p piccolo-tests --bench broker` (as root; the broker runs as a child).
-//! `BENCH_CALLS` (default 5000) sets the latency sample size; `BENCH_RSS_CALLS` (100000)
-//! the number of calls before the broker's RSS is read.
+//! `BENCH_CALLS` (default 5000) sets the latency sample size per row; `BENCH_RSS_CALLS`
+//! (100000) the number of calls before the broker's RSS is read.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -71,8 +76,7 @@ fn echo_server(dir: &Path, name: &str, audit: bool) -> std::path::PathBuf {
     sock
 }
 
-fn echo_latency(sock: &Path, n: usize) -> Lat {
-    let mut c = UnixStream::connect(sock).unwrap();
+fn echo_latency(c: &mut UnixStream, n: usize) -> Vec<Duration> {
     let msg = [1u8; 64];
     let mut buf = [0u8; 64];
     let mut v = Vec::with_capacity(n);
@@ -82,29 +86,25 @@ fn echo_latency(sock: &Path, n: usize) -> Lat {
         c.read_exact(&mut buf).unwrap();
         v.push(t.elapsed());
     }
-    summarize(v)
+    v
 }
 
 async fn client(socket: &Path) -> BrokerClient<tonic::transport::Channel> {
     BrokerClient::new(piccolo_proto::client::connect_unix(socket).await.unwrap())
 }
 
-async fn broker_latency(socket: &Path, n: usize) -> Lat {
-    let mut c = client(socket).await;
-    for _ in 0..50 {
-        c.get_info(GetInfoRequest {}).await.unwrap();
-    }
+async fn broker_latency(c: &mut BrokerClient<tonic::transport::Channel>, n: usize) -> Vec<Duration> {
     let mut v = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
         c.get_info(GetInfoRequest {}).await.unwrap();
         v.push(t.elapsed());
     }
-    summarize(v)
+    v
 }
 
-/// Calls/s with `clients` concurrent connections, each making `per_client` calls.
-async fn throughput(socket: &Path, clients: usize, per_client: usize) -> f64 {
+/// Calls and seconds with `clients` concurrent connections, each making `per_client` calls.
+async fn throughput(socket: &Path, clients: usize, per_client: usize) -> (usize, f64) {
     let mut conns = Vec::new();
     for _ in 0..clients {
         conns.push(client(socket).await);
@@ -123,7 +123,14 @@ async fn throughput(socket: &Path, clients: usize, per_client: usize) -> f64 {
     for task in tasks {
         task.await.unwrap();
     }
-    (clients * per_client) as f64 / t.elapsed().as_secs_f64()
+    (clients * per_client, t.elapsed().as_secs_f64())
+}
+
+/// Median of a few per-round figures, and their range.
+fn spread(mut v: Vec<f64>) -> String {
+    v.sort_by(f64::total_cmp);
+    let (lo, mid, hi) = (v[0], v[v.len() / 2], v[v.len() - 1]);
+    format!("per round: median {mid:.2}x, range {lo:.2}x-{hi:.2}x")
 }
 
 /// The broker's last durable audit seq, as `GetInfo` reports it.
@@ -183,6 +190,8 @@ fn ms(d: Duration) -> String {
 
 fn main() {
     let n = env_usize("BENCH_CALLS", 5000);
+    let rounds = env_usize("BENCH_ROUNDS", 5).clamp(1, n);
+    let per_round = n / rounds;
     let rss_calls = env_usize("BENCH_RSS_CALLS", 100_000);
     // Keep the state on the same filesystem as the broker's audit log (the temp dir).
     let dir = tempfile::tempdir().unwrap();
@@ -190,54 +199,76 @@ fn main() {
     let fsync_echo = echo_server(dir.path(), "fsync", true);
     let b = Broker::start(BrokerOptions { policy: POLICY.into(), ..Default::default() });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-
-    let e = echo_latency(&echo, n);
-    let f = echo_latency(&fsync_echo, n);
-    let g = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(broker_latency(&b.socket, n));
+    let single = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let me = i32::try_from(std::process::id()).unwrap();
-    let (cpu0, own0) = (cpu_time(b.pid()), cpu_time(me));
-    let t1 = rt.block_on(throughput(&b.socket, 1, n));
-    let (cpu1, own1) = (cpu_time(b.pid()), cpu_time(me));
-    let seq1 = rt.block_on(audit_seq(&b.socket));
-    let t8 = rt.block_on(throughput(&b.socket, 8, n));
-    let (cpu8, own8) = (cpu_time(b.pid()), cpu_time(me));
-    let seq8 = rt.block_on(audit_seq(&b.socket));
+
+    let mut echo_c = UnixStream::connect(&echo).unwrap();
+    let mut fsync_c = UnixStream::connect(&fsync_echo).unwrap();
+    let mut grpc = single.block_on(client(&b.socket));
+    single.block_on(broker_latency(&mut grpc, 50));
+    let (mut e, mut f, mut g) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut lat_ratios, mut scale_ratios) = (Vec::new(), Vec::new());
+    let (mut calls1, mut secs1, mut calls8, mut secs8) = (0, 0.0, 0, 0.0);
+    let (mut cpu1, mut own1, mut cpu8, mut own8) = (Duration::ZERO, Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let mut commit_samples = Vec::new();
+    for _ in 0..rounds {
+        e.extend(echo_latency(&mut echo_c, per_round));
+        let fr = echo_latency(&mut fsync_c, per_round);
+        let gr = single.block_on(broker_latency(&mut grpc, per_round));
+        lat_ratios.push(summarize(gr.clone()).p50.as_secs_f64() / summarize(fr.clone()).p50.as_secs_f64());
+        f.extend(fr);
+        g.extend(gr);
+
+        let (c0, o0) = (cpu_time(b.pid()), cpu_time(me));
+        let (c, s1) = rt.block_on(throughput(&b.socket, 1, per_round));
+        let (c1, o1) = (cpu_time(b.pid()), cpu_time(me));
+        let seq1 = rt.block_on(audit_seq(&b.socket));
+        let (c8, s8) = rt.block_on(throughput(&b.socket, 8, per_round));
+        let (c2, o2) = (cpu_time(b.pid()), cpu_time(me));
+        let seq8 = rt.block_on(audit_seq(&b.socket));
+        scale_ratios.push((c8 as f64 / s8) / (c as f64 / s1));
+        (calls1, secs1, calls8, secs8) = (calls1 + c, secs1 + s1, calls8 + c8, secs8 + s8);
+        (cpu1, own1, cpu8, own8) = (cpu1 + (c1 - c0), own1 + (o1 - o0), cpu8 + (c2 - c1), own8 + (o2 - o1));
+        commit_samples.push((seq1, seq8));
+    }
     let per = rss_calls / 8;
     let t_rss = Instant::now();
     rt.block_on(throughput(&b.socket, 8, per));
     let rss = rss_kib(b.pid());
     let (rollup_rss, anon) = rss_split_kib(b.pid());
+    let seq_after = rt.block_on(audit_seq(&b.socket));
+    let (e, f, g) = (summarize(e), summarize(f), summarize(g));
 
-    println!("broker benchmark ({n} sequential calls per latency row; same machine, same run)");
+    println!(
+        "broker benchmark ({} sequential calls per latency row in {rounds} interleaved rounds; same machine, same run)",
+        per_round * rounds
+    );
     println!("{:<34} {:>12} {:>12}", "", "p50", "p99");
     println!("{:<34} {:>12} {:>12}", "raw unix echo", ms(e.p50), ms(e.p99));
     println!("{:<34} {:>12} {:>12}", "unix echo + fdatasync'd record", ms(f.p50), ms(f.p99));
     println!("{:<34} {:>12} {:>12}", "broker GetInfo (durable audit)", ms(g.p50), ms(g.p99));
     let ratio = g.p50.as_secs_f64() / f.p50.as_secs_f64();
-    println!("GetInfo p50 / fsync-echo p50 = {ratio:.2}x (target <= 1.5x)");
+    println!("GetInfo p50 / fsync-echo p50 = {ratio:.2}x (target <= 1.5x; {})", spread(lat_ratios));
+    let (t1, t8) = (calls1 as f64 / secs1, calls8 as f64 / secs8);
     println!("calls/s, 1 client:  {t1:.0}");
-    println!("calls/s, 8 clients: {t8:.0}  ({:.2}x single client; target >= 4x)", t8 / t1);
+    println!("calls/s, 8 clients: {t8:.0}  ({:.2}x single client; target >= 4x; {})", t8 / t1, spread(scale_ratios));
     let per_call = |d: Duration, calls: usize| d.as_secs_f64() * 1e6 / calls as f64;
     println!(
         "broker CPU per call (user+sys, all threads): {:.0} us with 1 client, {:.0} us with 8",
-        per_call(cpu1 - cpu0, n),
-        per_call(cpu8 - cpu1, 8 * n)
+        per_call(cpu1, calls1),
+        per_call(cpu8, calls8)
     );
-    println!("records per group commit with 8 clients: {:.2}", records_per_commit(&b.audit, seq1, seq8));
+    let commits: Vec<f64> = commit_samples.iter().map(|&(from, to)| records_per_commit(&b.audit, from, to)).collect();
+    println!("records per group commit with 8 clients: {:.2}", commits.iter().sum::<f64>() / commits.len() as f64);
     // The clients share the machine with the broker: on 2 cores, broker + client CPU per call
     // bounds the calls/s any number of clients can reach.
     println!(
         "bench client CPU per call (this process): {:.0} us with 1 client, {:.0} us with 8",
-        per_call(own1 - own0, n),
-        per_call(own8 - own1, 8 * n)
+        per_call(own1, calls1),
+        per_call(own8, calls8)
     );
     println!(
-        "broker RSS after {} calls: {} KiB ({:.2} MiB; target < 8 MiB) [{:.1}s]",
-        n * 10 + 50 + per * 8,
+        "broker RSS after {seq_after} audited calls: {} KiB ({:.2} MiB; target < 8 MiB) [{:.1}s]",
         rss,
         rss as f64 / 1024.0,
         t_rss.elapsed().as_secs_f64()
