@@ -138,12 +138,18 @@ async fn audit_seq(socket: &Path) -> u64 {
     client(socket).await.get_info(GetInfoRequest {}).await.unwrap().into_inner().audit_seq
 }
 
-/// Mean records per group commit for seqs in `(from, to]`: the writer stamps one `ts` on
-/// every record of a batch, so a batch is a run of consecutive records with the same `ts`.
-fn records_per_commit(log: &Path, from: u64, to: u64) -> f64 {
+/// Mean records per group commit over the seqs in the `(from, to]` ranges, in one pass over
+/// the log: the writer stamps one `ts` on every record of a batch, so a batch is a run of
+/// consecutive records with the same `ts`.
+fn records_per_commit(log: &Path, ranges: &[(u64, u64)]) -> f64 {
     let files = piccolo_audit::chain_files(log);
     let (mut records, mut batches, mut last_ts) = (0u64, 0u64, String::new());
-    for rec in piccolo_audit::read_records(&files).flatten().filter(|r| r.seq > from && r.seq <= to) {
+    for rec in piccolo_audit::read_records(&files).flatten() {
+        if !ranges.iter().any(|&(from, to)| rec.seq > from && rec.seq <= to) {
+            // A batch never continues across a gap between ranges.
+            last_ts.clear();
+            continue;
+        }
         records += 1;
         if rec.ts != last_ts {
             batches += 1;
@@ -188,9 +194,35 @@ fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1e3)
 }
 
+/// Calls, wall time and CPU (broker's and this process's) summed over the rounds of one load.
+#[derive(Default)]
+struct Load {
+    calls: usize,
+    secs: f64,
+    broker_cpu: Duration,
+    own_cpu: Duration,
+}
+
+impl Load {
+    /// Runs one round of `clients` × `per_client` calls, adds it up, returns its calls/s.
+    fn measure(&mut self, rt: &tokio::runtime::Runtime, b: &Broker, me: i32, clients: usize, per_client: usize) -> f64 {
+        let (broker0, own0) = (cpu_time(b.pid()), cpu_time(me));
+        let (calls, secs) = rt.block_on(throughput(&b.socket, clients, per_client));
+        self.broker_cpu += cpu_time(b.pid()) - broker0;
+        self.own_cpu += cpu_time(me) - own0;
+        self.calls += calls;
+        self.secs += secs;
+        calls as f64 / secs
+    }
+
+    fn rate(&self) -> f64 {
+        self.calls as f64 / self.secs
+    }
+}
+
 fn main() {
     let n = env_usize("BENCH_CALLS", 5000);
-    let rounds = env_usize("BENCH_ROUNDS", 5).clamp(1, n);
+    let rounds = env_usize("BENCH_ROUNDS", 5).clamp(1, n.max(1));
     let per_round = n / rounds;
     let rss_calls = env_usize("BENCH_RSS_CALLS", 100_000);
     // Keep the state on the same filesystem as the broker's audit log (the temp dir).
@@ -208,9 +240,8 @@ fn main() {
     single.block_on(broker_latency(&mut grpc, 50));
     let (mut e, mut f, mut g) = (Vec::new(), Vec::new(), Vec::new());
     let (mut lat_ratios, mut scale_ratios) = (Vec::new(), Vec::new());
-    let (mut calls1, mut secs1, mut calls8, mut secs8) = (0, 0.0, 0, 0.0);
-    let (mut cpu1, mut own1, mut cpu8, mut own8) = (Duration::ZERO, Duration::ZERO, Duration::ZERO, Duration::ZERO);
-    let mut commit_samples = Vec::new();
+    let (mut one, mut eight) = (Load::default(), Load::default());
+    let mut eight_client_seqs = Vec::new();
     for _ in 0..rounds {
         e.extend(echo_latency(&mut echo_c, per_round));
         let fr = echo_latency(&mut fsync_c, per_round);
@@ -219,17 +250,11 @@ fn main() {
         f.extend(fr);
         g.extend(gr);
 
-        let (c0, o0) = (cpu_time(b.pid()), cpu_time(me));
-        let (c, s1) = rt.block_on(throughput(&b.socket, 1, per_round));
-        let (c1, o1) = (cpu_time(b.pid()), cpu_time(me));
-        let seq1 = rt.block_on(audit_seq(&b.socket));
-        let (c8, s8) = rt.block_on(throughput(&b.socket, 8, per_round));
-        let (c2, o2) = (cpu_time(b.pid()), cpu_time(me));
-        let seq8 = rt.block_on(audit_seq(&b.socket));
-        scale_ratios.push((c8 as f64 / s8) / (c as f64 / s1));
-        (calls1, secs1, calls8, secs8) = (calls1 + c, secs1 + s1, calls8 + c8, secs8 + s8);
-        (cpu1, own1, cpu8, own8) = (cpu1 + (c1 - c0), own1 + (o1 - o0), cpu8 + (c2 - c1), own8 + (o2 - o1));
-        commit_samples.push((seq1, seq8));
+        let r1 = one.measure(&rt, &b, me, 1, per_round);
+        let from = rt.block_on(audit_seq(&b.socket));
+        let r8 = eight.measure(&rt, &b, me, 8, per_round);
+        eight_client_seqs.push((from, rt.block_on(audit_seq(&b.socket))));
+        scale_ratios.push(r8 / r1);
     }
     let per = rss_calls / 8;
     let t_rss = Instant::now();
@@ -249,23 +274,22 @@ fn main() {
     println!("{:<34} {:>12} {:>12}", "broker GetInfo (durable audit)", ms(g.p50), ms(g.p99));
     let ratio = g.p50.as_secs_f64() / f.p50.as_secs_f64();
     println!("GetInfo p50 / fsync-echo p50 = {ratio:.2}x (target <= 1.5x; {})", spread(lat_ratios));
-    let (t1, t8) = (calls1 as f64 / secs1, calls8 as f64 / secs8);
+    let (t1, t8) = (one.rate(), eight.rate());
     println!("calls/s, 1 client:  {t1:.0}");
     println!("calls/s, 8 clients: {t8:.0}  ({:.2}x single client; target >= 4x; {})", t8 / t1, spread(scale_ratios));
     let per_call = |d: Duration, calls: usize| d.as_secs_f64() * 1e6 / calls as f64;
     println!(
         "broker CPU per call (user+sys, all threads): {:.0} us with 1 client, {:.0} us with 8",
-        per_call(cpu1, calls1),
-        per_call(cpu8, calls8)
+        per_call(one.broker_cpu, one.calls),
+        per_call(eight.broker_cpu, eight.calls)
     );
-    let commits: Vec<f64> = commit_samples.iter().map(|&(from, to)| records_per_commit(&b.audit, from, to)).collect();
-    println!("records per group commit with 8 clients: {:.2}", commits.iter().sum::<f64>() / commits.len() as f64);
+    println!("records per group commit with 8 clients: {:.2}", records_per_commit(&b.audit, &eight_client_seqs));
     // The clients share the machine with the broker: on 2 cores, broker + client CPU per call
     // bounds the calls/s any number of clients can reach.
     println!(
         "bench client CPU per call (this process): {:.0} us with 1 client, {:.0} us with 8",
-        per_call(own1, calls1),
-        per_call(own8, calls8)
+        per_call(one.own_cpu, one.calls),
+        per_call(eight.own_cpu, eight.calls)
     );
     println!(
         "broker RSS after {seq_after} audited calls: {} KiB ({:.2} MiB; target < 8 MiB) [{:.1}s]",
