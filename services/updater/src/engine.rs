@@ -566,16 +566,16 @@ impl Engine {
         if self.reboot_now.load(Ordering::SeqCst) || self.window().contains(now()) {
             self.board.phase(Phase::Staged, version, "activated; rebooting into it");
         } else {
-            let w = self.window();
-            let (a, b) = w.render();
-            let secs = w.seconds_until_open(now());
-            self.board.phase(
-                Phase::WaitingForWindow,
-                version,
-                format!("activated; reboot in the maintenance window {a}-{b} UTC (opens in {secs} s)"),
-            );
+            self.board.phase(Phase::WaitingForWindow, version, self.window_message());
         }
         self.wake.notify_one();
+    }
+
+    fn window_message(&self) -> String {
+        let w = self.window();
+        let (a, b) = w.render();
+        let secs = w.seconds_until_open(now());
+        format!("activated; reboot in the maintenance window {a}-{b} UTC (opens in {secs} s)")
     }
 
     /// [`Engine::after_staged`], then the reboot if it is due now (called with the job held).
@@ -684,12 +684,16 @@ impl Engine {
                 && (self.reboot_now.load(Ordering::SeqCst) || self.window().contains(t))
                 && let Ok(g) = self.job.clone().try_lock_owned()
             {
-                let v = self.board.get().version;
-                self.reboot(&v).await;
+                // Re-read under the job lock: a cancel may have un-staged it since `phase`.
+                let s = self.board.get();
+                if matches!(Phase::try_from(s.phase), Ok(Phase::Staged | Phase::WaitingForWindow)) {
+                    self.reboot(&s.version).await;
+                }
                 drop(g);
             } else if phase == Phase::WaitingForWindow {
-                let v = self.board.get().version;
-                self.after_staged(&v);
+                // Only the countdown changes, and only if nothing (a cancel) moved the phase on;
+                // rewriting the whole phase here could resurrect an un-staged update.
+                self.board.refresh_message(Phase::WaitingForWindow, self.window_message());
             }
             if matches!(self.board.current_phase(), Phase::Idle | Phase::Failed)
                 && t >= self.next_check.load(Ordering::Relaxed)

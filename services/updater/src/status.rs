@@ -61,6 +61,16 @@ impl Board {
         });
     }
 
+    /// Replaces the message, but only while the phase is still `phase` (checked and set as one
+    /// step, so a concurrent transition is never overwritten).
+    pub fn refresh_message(&self, phase: Phase, message: String) {
+        self.set(|s| {
+            if s.phase == phase as i32 {
+                s.message = message;
+            }
+        });
+    }
+
     /// The phase now.
     pub fn current_phase(&self) -> Phase {
         Phase::try_from(self.tx.borrow().phase).unwrap_or(Phase::Unspecified)
@@ -83,5 +93,25 @@ impl Board {
         v.sort_by(|a, b| b.updated_at.cmp(&a.updated_at).then(b.version.cmp(&a.version)));
         v.truncate(16);
         self.set(|s| s.attempts = v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_countdown_refresh_never_undoes_a_transition() {
+        let b = Board::new();
+        b.phase(Phase::WaitingForWindow, "1.1.0", "opens in 60 s");
+        b.refresh_message(Phase::WaitingForWindow, "opens in 59 s".into());
+        assert_eq!((b.get().message.as_str(), b.get().version.as_str()), ("opens in 59 s", "1.1.0"));
+        // A cancel lands between the scheduler's phase read and its refresh.
+        b.phase(Phase::Idle, "", "1.1.0: cancelled");
+        let seq = b.get().seq;
+        b.refresh_message(Phase::WaitingForWindow, "opens in 58 s".into());
+        let s = b.get();
+        assert_eq!((s.phase, s.version.as_str(), s.message.as_str()), (Phase::Idle as i32, "", "1.1.0: cancelled"));
+        assert_eq!(s.seq, seq, "no change, no event");
     }
 }
