@@ -122,12 +122,13 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         config,
         stopping: tokio::sync::Notify::new(),
         backends: Default::default(),
+        in_flight: Default::default(),
     });
 
-    // 4. One async worker: the broker's work is I/O; slow backend calls (TPM, disks) go to
-    //    the blocking pool. Fewer threads means fewer cross-CPU wake-ups per call.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+    // 4. One async thread: the broker's work is I/O; slow backend calls (TPM, disks) go to
+    //    the blocking pool, audit commits to the writer thread unless a call is alone
+    //    (guard::Ctx::write_audit). Fewer threads means fewer cross-CPU wake-ups per call.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .max_blocking_threads(16)
         .thread_name("broker")
         .enable_all()

@@ -1,8 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
-//! The writer: one thread owns the file. Callers queue entries and wait; the thread takes
-//! everything queued, seals it into the chain, writes it in one `write`, `fdatasync`s once
-//! and only then wakes the callers (group commit). A failed batch is cut off again with
-//! `ftruncate`, so the file never holds a record a caller was told failed.
+//! The writer: one [`Writer`] owns the file, behind a mutex. Callers queue entries and wait;
+//! the writer thread takes everything queued, seals it into the chain, writes it in one
+//! `write`, `fdatasync`s once and only then wakes the callers (group commit). A caller that
+//! knows it is the only call in flight may instead commit on its own thread
+//! ([`AuditLog::append_inline`]), which saves the two thread hand-offs of the queue. A failed
+//! batch is cut off again with `ftruncate`, so the file never holds a record a caller was
+//! told failed.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -50,6 +53,9 @@ type Reply = oneshot::Sender<Result<u64, AuditError>>;
 pub struct AuditLog {
     tx: Mutex<Option<mpsc::Sender<(Entry, Reply)>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Shared by the writer thread and inline commits; every seal happens under it, so the
+    /// chain stays one sequence whichever path wrote a record.
+    writer: Arc<Mutex<Writer>>,
     last_seq: Arc<AtomicU64>,
 }
 
@@ -61,7 +67,7 @@ impl AuditLog {
     /// cut off and an `audit.torn_tail_removed` event records its size and digest.
     pub fn open(cfg: AuditConfig) -> Result<AuditLog, AuditError> {
         let (mut w, torn) = Writer::open(cfg)?;
-        let last_seq = Arc::new(AtomicU64::new(w.next_seq.saturating_sub(1)));
+        let last_seq = w.last_seq.clone();
         if let Some(torn) = torn {
             let entry = Entry::event("audit.torn_tail_removed", serde_json::json!({"bytes": torn.0, "sha256": torn.1}));
             let (reply, _rx) = oneshot::channel();
@@ -71,12 +77,35 @@ impl AuditLog {
             }
         }
         let (tx, rx) = mpsc::channel();
-        let seq = last_seq.clone();
+        let writer = Arc::new(Mutex::new(w));
+        let shared = writer.clone();
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || w.run(rx, &seq))
+            .spawn(move || run(&shared, rx))
             .map_err(|e| AuditError::Open { path: PathBuf::from("audit-writer thread"), source: e })?;
-        Ok(AuditLog { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), last_seq })
+        Ok(AuditLog { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), writer, last_seq })
+    }
+
+    /// Appends `entry` on the calling thread, blocking it for the write and `fdatasync`, and
+    /// returns its sequence number once it is durable.
+    ///
+    /// For a caller that is the only call in flight: it skips the hand-off to the writer
+    /// thread and back, but a batch cannot form behind it. If a commit is already running
+    /// (the caller was not alone after all) the entry goes through the queue instead.
+    pub async fn append_inline(&self, entry: Entry) -> Result<u64, AuditError> {
+        let busy = match self.writer.try_lock() {
+            Ok(mut w) => {
+                let (reply, mut rx) = oneshot::channel();
+                w.commit(vec![(entry, reply)]);
+                return rx.try_recv().map_err(|_| AuditError::Stopped)?;
+            }
+            Err(std::sync::TryLockError::WouldBlock) => entry,
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                p.into_inner().poisoned = true;
+                return Err(AuditError::Poisoned);
+            }
+        };
+        self.append(busy).await
     }
 
     /// Appends `entry` and returns its sequence number once it is durable.
@@ -133,6 +162,8 @@ struct Writer {
     dirty: bool,
     last_checkpoint: Instant,
     poisoned: bool,
+    /// `next_seq - 1`, readable without the lock; stored before any caller is answered.
+    last_seq: Arc<AtomicU64>,
 }
 
 /// Size and SHA-256 of a torn tail that was removed.
@@ -177,33 +208,9 @@ impl Writer {
             dirty: false,
             last_checkpoint: Instant::now(),
             poisoned: false,
+            last_seq: Arc::new(AtomicU64::new(next_seq.saturating_sub(1))),
         };
         Ok((w, torn))
-    }
-
-    fn run(mut self, rx: mpsc::Receiver<(Entry, Reply)>, last_seq: &AtomicU64) {
-        loop {
-            let polled = poll_until(&rx, Instant::now() + POLL_AFTER_COMMIT);
-            let first = match polled.map_or_else(|| rx.recv_timeout(CHECKPOINT_EVERY), Ok) {
-                Ok(m) => m,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    self.checkpoint_if_due(true);
-                    continue;
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            };
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(m) => batch.push(m),
-                    Err(_) => break,
-                }
-            }
-            self.commit(batch);
-            last_seq.store(self.next_seq.saturating_sub(1), Ordering::Relaxed);
-            self.checkpoint_if_due(false);
-        }
-        self.checkpoint_if_due(true);
     }
 
     fn commit(&mut self, batch: Vec<(Entry, Reply)>) {
@@ -232,6 +239,7 @@ impl Writer {
                 self.next_seq = seq;
                 self.prev = prev;
                 self.dirty = true;
+                self.last_seq.store(seq.saturating_sub(1), Ordering::Relaxed);
                 for (s, reply) in replies {
                     let _ = reply.send(Ok(s));
                 }
@@ -304,6 +312,41 @@ impl Writer {
         self.checkpoint_if_due(true);
         Ok(())
     }
+}
+
+/// The writer thread: commits whatever is queued, and checkpoints the head (also after
+/// inline commits, which leave that to this thread's timeout).
+fn run(writer: &Mutex<Writer>, rx: mpsc::Receiver<(Entry, Reply)>) {
+    // A commit that panicked may have written records it never counted: refuse from then on.
+    let lock = || {
+        writer.lock().unwrap_or_else(|p| {
+            let mut w = p.into_inner();
+            w.poisoned = true;
+            w
+        })
+    };
+    loop {
+        let polled = poll_until(&rx, Instant::now() + POLL_AFTER_COMMIT);
+        let first = match polled.map_or_else(|| rx.recv_timeout(CHECKPOINT_EVERY), Ok) {
+            Ok(m) => m,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                lock().checkpoint_if_due(true);
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let mut w = lock();
+        w.commit(batch);
+        w.checkpoint_if_due(false);
+    }
+    lock().checkpoint_if_due(true);
 }
 
 /// The next queued message if one arrives before `deadline` (polling with `yield_now`, no parking).
