@@ -139,7 +139,7 @@ pub async fn probe(ctx: &Shared, kind: Kind) {
     let seen = Instant::now();
     let cfg = &ctx.config.file;
     let backend = match kind {
-        Kind::Tpm => tpm(cfg.tpm.tcti.clone()).await,
+        Kind::Tpm => tpm(&cfg.tpm).await,
         Kind::Efi => efi(&cfg.efi.efivars_root),
         Kind::UpdateEngine => crate::handlers::update_engine::probe(ctx).await,
         Kind::OsDisk => match &cfg.boot.os_disk {
@@ -151,12 +151,19 @@ pub async fn probe(ctx: &Shared, kind: Kind) {
     ctx.backends.observe(kind, seen, backend);
 }
 
-/// The TPM probe: bounded (piccolo_tpm::CONNECT_TIMEOUT) and off the async thread.
-async fn tpm(tcti: String) -> Backend {
+/// The TPM probe: bounded (piccolo_tcti::CONNECT_TIMEOUT) and off the async thread. The
+/// helper that performs TPM calls must be installed too, or no call could succeed.
+async fn tpm(cfg: &crate::config::TpmConfig) -> Backend {
+    let tcti = cfg.tcti.clone();
+    match cfg.helper_program() {
+        Some(p) if p.is_file() => {}
+        Some(p) => return unavailable("tpm", format!("TPM helper {} not present", p.display())),
+        None => return unavailable("tpm", format!("cannot locate the TPM helper {}", crate::tpm_helper::PROGRAM)),
+    }
     let probe_tcti = tcti.clone();
-    match tokio::task::spawn_blocking(move || piccolo_tpm::probe(&probe_tcti)).await {
+    match tokio::task::spawn_blocking(move || piccolo_tcti::probe(&probe_tcti)).await {
         Ok(Ok(())) => available("tpm", tcti),
-        Ok(Err(e)) => unavailable("tpm", e.to_string()),
+        Ok(Err(e)) => unavailable("tpm", format!("no TPM ({e})")),
         Err(e) => unavailable("tpm", format!("probe failed: {e}")),
     }
 }

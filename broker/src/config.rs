@@ -44,11 +44,24 @@ pub struct Args {
 pub struct TpmConfig {
     /// TCTI string, e.g. `device:/dev/tpmrm0` or `swtpm:host=127.0.0.1,port=2321`.
     pub tcti: String,
+    /// The TPM helper program (absolute). Default: `piccolo-broker-tpm` in the directory of
+    /// the broker's own executable, as installed (`/usr/bin`) and as built (`target/*/`).
+    pub helper: Option<PathBuf>,
 }
 
 impl Default for TpmConfig {
     fn default() -> Self {
-        TpmConfig { tcti: "device:/dev/tpmrm0".into() }
+        TpmConfig { tcti: "device:/dev/tpmrm0".into(), helper: None }
+    }
+}
+
+impl TpmConfig {
+    /// The helper program to run; `None` when no default can be found (no own executable).
+    pub fn helper_program(&self) -> Option<PathBuf> {
+        match &self.helper {
+            Some(p) => Some(p.clone()),
+            None => std::env::current_exe().ok()?.parent().map(|d| d.join(crate::tpm_helper::PROGRAM)),
+        }
     }
 }
 
@@ -273,6 +286,9 @@ impl Config {
                 path,
                 message: "[volumes]: import_* caps must be positive and at most the archive format's defaults".into(),
             });
+        }
+        if file.tpm.helper.as_ref().is_some_and(|p| !p.is_absolute()) {
+            return Err(ConfigError::Parse { path, message: "[tpm]: helper must be an absolute path".into() });
         }
         let pick = |flag: &Option<PathBuf>, file: &Option<PathBuf>, default: &str| {
             flag.clone().or_else(|| file.clone()).unwrap_or_else(|| Path::new(default).to_path_buf())

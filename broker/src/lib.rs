@@ -17,3 +17,4 @@ pub mod notify;
 pub mod policy;
 pub mod reload;
 pub mod server;
+pub mod tpm_helper;

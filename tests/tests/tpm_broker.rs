@@ -285,3 +285,51 @@ fn without_a_tpm_the_broker_serves_and_tpm_calls_fail_fast() {
         ctl_ok(&b, "root", &["whoami"]);
     }
 }
+
+#[test]
+fn the_tpm_stack_runs_in_the_helper_and_a_missing_helper_is_a_clear_error() {
+    let sw = Swtpm::start();
+    let b = tpm_broker(&production_policy(), &sw.tcti());
+    let id = ctl_json(&b, "root", &["tpm", "identity", "--json"]);
+    assert!(id["device_id"].as_str().unwrap().starts_with("tpm-ek-"), "{id}");
+    // The call went through the helper: the broker never mapped the TSS or OpenSSL.
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", b.pid())).unwrap();
+    for lib in ["libtss2", "libcrypto"] {
+        assert!(!maps.contains(lib), "the broker maps {lib}:\n{maps}");
+    }
+    drop(b);
+
+    system_users();
+    let helper = "/nonexistent/piccolo-broker-tpm";
+    let b = Broker::start(BrokerOptions {
+        policy: production_policy(),
+        socket_group: Some("piccolo-broker".into()),
+        audit_group: Some("piccolo-audit".into()),
+        extra_config: format!("[tpm]\ntcti = {:?}\nhelper = {helper:?}\n", sw.tcti()),
+        ..Default::default()
+    });
+    let info = ctl_json(&b, "root", &["info", "--json"]);
+    let tpm = info["backends"].as_array().unwrap().iter().find(|x| x["name"] == "tpm").unwrap().clone();
+    assert_eq!(tpm["available"], false, "{tpm}");
+    assert_eq!(tpm["detail"], format!("TPM helper {helper} not present"), "{tpm}");
+    let o = b.ctl_as("root", &["tpm", "identity"]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(out(&o).contains(&format!("cannot start the TPM helper {helper}")), "{}", out(&o));
+    let last = records(&b).into_iter().rfind(|r| r["rpc"] == "GetDeviceIdentity").unwrap();
+    assert_eq!(last["outcome"]["code"], "INTERNAL", "{last}");
+    drop(b);
+
+    // A helper that fails, or answers nothing, is an internal error naming what happened.
+    for (helper, says) in
+        [("/bin/false", "the TPM helper failed (exit status: 1)"), ("/bin/true", "the TPM helper's answer is empty")]
+    {
+        let b = Broker::start(BrokerOptions {
+            policy: production_policy(),
+            extra_config: format!("[tpm]\ntcti = {:?}\nhelper = {helper:?}\n", sw.tcti()),
+            ..Default::default()
+        });
+        let o = b.ctl_as("root", &["tpm", "identity"]);
+        assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+        assert!(out(&o).contains(says), "{helper}: {}", out(&o));
+    }
+}

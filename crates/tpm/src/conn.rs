@@ -7,9 +7,7 @@
 //! leaked transient objects would fill its slots. With `/dev/tpmrm0` the kernel's resource
 //! manager flushes anyway; flushing ourselves costs one command per handle.
 
-use std::net::{TcpStream, ToSocketAddrs};
 use std::str::FromStr;
-use std::time::Duration;
 
 use tss_esapi::Context;
 use tss_esapi::handles::ObjectHandle;
@@ -17,42 +15,12 @@ use tss_esapi::tcti_ldr::TctiNameConf;
 
 use crate::error::{Error, Result};
 
-/// How long a TCP TCTI (swtpm, mssim) may take to accept a connection.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub use piccolo_tcti::CONNECT_TIMEOUT;
 
-/// Checks that something answers behind `tcti` without waiting long, so that a missing TPM
-/// fails fast: the device node exists, or the TCP port accepts within [`CONNECT_TIMEOUT`].
+/// Checks that something answers behind `tcti` without waiting long ([`piccolo_tcti::probe`]),
+/// so that a missing TPM fails fast.
 pub fn probe(tcti: &str) -> Result<()> {
-    let (driver, conf) = tcti.split_once(':').unwrap_or((tcti, ""));
-    match driver {
-        "device" => {
-            let path = if conf.is_empty() { "/dev/tpm0" } else { conf };
-            if std::path::Path::new(path).exists() { Ok(()) } else { Err(Error::NoTpm(format!("{path} not present"))) }
-        }
-        "swtpm" | "mssim" => {
-            let (mut host, mut port) = ("localhost".to_owned(), 2321u16);
-            for kv in conf.split(',').filter(|s| !s.is_empty()) {
-                match kv.split_once('=') {
-                    Some(("host", h)) => host = h.to_owned(),
-                    Some(("port", p)) => {
-                        port = p.parse().map_err(|_| Error::NoTpm(format!("bad port in TCTI {tcti:?}")))?;
-                    }
-                    _ => return Err(Error::NoTpm(format!("unknown TCTI option {kv:?}"))),
-                }
-            }
-            let addrs = (host.as_str(), port)
-                .to_socket_addrs()
-                .map_err(|e| Error::NoTpm(format!("cannot resolve {host}: {e}")))?;
-            for a in addrs {
-                if TcpStream::connect_timeout(&a, CONNECT_TIMEOUT).is_ok() {
-                    return Ok(());
-                }
-            }
-            Err(Error::NoTpm(format!("nothing listening on {host}:{port}")))
-        }
-        // tabrmd and others: no cheap probe; Context::new reports failure.
-        _ => Ok(()),
-    }
+    piccolo_tcti::probe(tcti).map_err(|e| Error::NoTpm(e.0))
 }
 
 /// Opens a context for one operation.

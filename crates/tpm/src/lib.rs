@@ -19,6 +19,7 @@ mod conn;
 mod der;
 pub mod disk;
 mod error;
+pub mod helper;
 mod identity;
 pub mod pcr;
 pub mod seal;
@@ -48,6 +49,17 @@ impl Tpm {
     /// Nothing is opened until the first operation.
     pub fn new(tcti: impl Into<String>) -> Tpm {
         Tpm { tcti: tcti.into(), lock: Mutex::new(None) }
+    }
+
+    /// A TPM whose identity is already known (read by an earlier process from this TPM),
+    /// so that signing does not have to re-create the EK.
+    pub fn with_identity(tcti: impl Into<String>, identity: Identity) -> Tpm {
+        Tpm { tcti: tcti.into(), lock: Mutex::new(Some(identity)) }
+    }
+
+    /// The identity, if an operation has read it (or it was given).
+    pub fn known_identity(&self) -> Option<Identity> {
+        self.lock.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The TCTI string.
