@@ -24,7 +24,7 @@ trap 'rm -rf "$set_dir"' EXIT
 [ -c /dev/fuse ] || { echo "run-api.sh: /dev/fuse missing on the host" >&2; exit 1; }
 cp "$repo/systemd/piccolo-broker.service" "$repo/systemd/piccolo-api.service" \
    "$repo/systemd/piccolo-api.socket" "$repo/systemd/piccolo-api-tls.socket" "$set_dir/"
-stage_unit_set "$set_dir" "$bins" piccolo-broker piccoloctl piccolo-api
+stage_unit_set "$set_dir" "$bins" piccolo-broker piccolo-broker-tpm piccoloctl piccolo-api
 stage_host_bins "$set_dir" "$(command -v gocryptfs)" "$(command -v fusermount3)"
 # The broker mounts FUSE: the container needs the device. Its own network namespace keeps
 # ports 80/443 off the host (curl runs in it through nsenter -n).

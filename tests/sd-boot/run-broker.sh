@@ -14,7 +14,7 @@ trap 'rm -rf "$set_dir"' EXIT
 . "$repo/tests/sd-boot/lib.sh"
 
 cp "$repo/systemd/piccolo-broker.service" "$set_dir/"
-stage_unit_set "$set_dir" "$bins" piccolo-broker piccoloctl
+stage_unit_set "$set_dir" "$bins" piccolo-broker piccolo-broker-tpm piccoloctl
 
 cat > "$set_dir/setup.sh" <<'SETUP'
 #!/bin/sh
@@ -58,6 +58,12 @@ check "broker runs in the host mount namespace" '[ "${mntns% *}" = "${mntns#* }"
 api=$(in_ct setpriv --reuid=piccolo-api --regid=piccolo-api --init-groups /usr/bin/piccoloctl info 2>&1); api_rc=$?
 echo "$api"
 check "piccoloctl info works for piccolo-api" '[ $api_rc -eq 0 ] && [[ "$api" == *"policy sha256"* ]]'
+# The TPM helper is installed next to the broker and runs inside the broker's sandbox; the
+# container has no TPM, so it answers "no TPM" (not "TPM helper ... not present").
+check "GetInfo finds the TPM helper next to the broker" '[[ "$api" == *"no TPM (/dev/tpmrm0 not present)"* ]]'
+tpm=$(in_ct /usr/bin/piccoloctl tpm identity 2>&1); tpm_rc=$?
+echo "$tpm"
+check "a TPM call runs the helper under the unit's sandbox" '[ $tpm_rc -eq 1 ] && [[ "$tpm" == *"FailedPrecondition: no TPM"* ]]'
 nob=$(in_ct setpriv --reuid=nobody --regid=nogroup --clear-groups /usr/bin/piccoloctl info 2>&1); nob_rc=$?
 echo "$nob"
 check "piccoloctl info is refused for nobody" '[ $nob_rc -ne 0 ] && [[ "$nob" == *"permission denied"* ]]'

@@ -26,7 +26,7 @@ make_set() {
   # ConditionVirtualization=!container (this is a container).
   sed -e 's#^ExecStart=.*#ExecStart=/usr/bin/piccolo-update-engine-standin#' \
       -e '/^ConditionVirtualization=/d' "$repo/tests/systemd/update-engine.service" > "$set_dir/update-engine.service"
-  stage_unit_set "$set_dir" "$bins" piccolo-broker piccoloctl piccolo-update-engine-standin
+  stage_unit_set "$set_dir" "$bins" piccolo-broker piccolo-broker-tpm piccoloctl piccolo-update-engine-standin
   mkdir -p "$set_dir/files/dropin"
   cp "$repo"/systemd/update-engine.service.d/*.conf "$set_dir/files/dropin/"
   cp "$repo/systemd/flatcar/update.conf" "$set_dir/files/update.conf"

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //! TPM 2.0 backend for the broker (tss-esapi): identity, PCRs, sealing, device-token key,
-//! disk enrollment.
+//! disk enrollment. Runs in the `piccolo-broker-tpm` helper ([`helper`]), one process per
+//! broker call, so the long-lived broker never links the TPM stack.
 //!
 //! Owns: every TPM command the broker sends (through one configurable TCTI, one operation
 //! at a time), the sealed-blob format, the device-token key template and the JWT encoding,
