@@ -3,39 +3,109 @@
 
 use std::path::{Path, PathBuf};
 
-use clap::Parser;
 use serde::Deserialize;
 
 use piccolo_proto::paths;
 
-/// Command-line flags.
-#[derive(Debug, Parser)]
-#[command(name = "piccolo-broker", version, about = "piccolo's privileged broker")]
+/// Command-line flags. Parsed by hand ([`Args::parse_from`]): ten flags do not need clap,
+/// whose parser is otherwise ~200 KiB of resident code in a process that never exits.
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct Args {
     /// Config file (TOML). Default: /etc/piccolo/broker-config.toml if it exists.
-    #[arg(long)]
     pub config: Option<PathBuf>,
     /// Socket path.
-    #[arg(long)]
     pub socket: Option<PathBuf>,
     /// Group that owns the socket directory and socket.
-    #[arg(long)]
     pub socket_group: Option<String>,
     /// Policy file.
-    #[arg(long)]
     pub policy: Option<PathBuf>,
     /// Audit log path.
-    #[arg(long)]
     pub audit_log: Option<PathBuf>,
     /// Group that may read the audit log.
-    #[arg(long)]
     pub audit_group: Option<String>,
     /// Rotate the audit log at this size.
-    #[arg(long)]
     pub audit_max_bytes: Option<u64>,
     /// Validate a policy file, print the effective caller × RPC table, and exit.
-    #[arg(long, value_name = "FILE")]
     pub check_policy: Option<PathBuf>,
+}
+
+/// What the command line asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Run (or `--check-policy`) with these flags.
+    Run(Args),
+    /// Print [`USAGE`] and exit 0.
+    Help,
+    /// Print the version and exit 0.
+    Version,
+}
+
+/// `--help` text.
+pub const USAGE: &str = "piccolo's privileged broker
+
+Usage: piccolo-broker [OPTIONS]
+
+Options:
+      --config <FILE>          Config file (TOML). Default: /etc/piccolo/broker-config.toml if it exists
+      --socket <PATH>          Socket path
+      --socket-group <GROUP>   Group that owns the socket directory and socket
+      --policy <FILE>          Policy file
+      --audit-log <PATH>       Audit log path
+      --audit-group <GROUP>    Group that may read the audit log
+      --audit-max-bytes <N>    Rotate the audit log at this size
+      --check-policy <FILE>    Validate a policy file, print the effective caller × RPC table, and exit
+  -h, --help                   Print help
+  -V, --version                Print version
+";
+
+impl Args {
+    /// Parses the arguments after the program name: `--flag VALUE` or `--flag=VALUE`, each
+    /// flag at most once. The error names the offending argument.
+    pub fn parse_from<I: IntoIterator<Item = std::ffi::OsString>>(args: I) -> Result<Command, String> {
+        let mut out = Args::default();
+        let mut it = args.into_iter();
+        while let Some(arg) = it.next() {
+            let arg = arg.into_string().map_err(|a| format!("argument {a:?} is not UTF-8"))?;
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
+                _ => (arg.clone(), None),
+            };
+            match flag.as_str() {
+                "-h" | "--help" if inline.is_none() => return Ok(Command::Help),
+                "-V" | "--version" if inline.is_none() => return Ok(Command::Version),
+                _ => {}
+            }
+            let mut value = || match &inline {
+                Some(v) => Ok(v.clone()),
+                None => it
+                    .next()
+                    .and_then(|v| v.into_string().ok())
+                    .ok_or_else(|| format!("{flag} needs a value (see --help)")),
+            };
+            fn set<T>(slot: &mut Option<T>, flag: &str, v: T) -> Result<(), String> {
+                if slot.replace(v).is_some() {
+                    return Err(format!("{flag} given more than once"));
+                }
+                Ok(())
+            }
+            match flag.as_str() {
+                "--config" => set(&mut out.config, &flag, value()?.into())?,
+                "--socket" => set(&mut out.socket, &flag, value()?.into())?,
+                "--socket-group" => set(&mut out.socket_group, &flag, value()?)?,
+                "--policy" => set(&mut out.policy, &flag, value()?.into())?,
+                "--audit-log" => set(&mut out.audit_log, &flag, value()?.into())?,
+                "--audit-group" => set(&mut out.audit_group, &flag, value()?)?,
+                "--audit-max-bytes" => {
+                    let v = value()?;
+                    let n = v.parse().map_err(|_| format!("--audit-max-bytes: {v:?} is not a byte count"))?;
+                    set(&mut out.audit_max_bytes, &flag, n)?;
+                }
+                "--check-policy" => set(&mut out.check_policy, &flag, value()?.into())?,
+                _ => return Err(format!("unknown argument {arg:?} (see --help)")),
+            }
+        }
+        Ok(Command::Run(out))
+    }
 }
 
 /// Settings of the TPM backend.
@@ -310,6 +380,38 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse(args: &[&str]) -> Result<Command, String> {
+        Args::parse_from(args.iter().map(std::ffi::OsString::from))
+    }
+
+    #[test]
+    fn flags_parse_with_space_or_equals_and_errors_name_the_argument() {
+        let want = Args {
+            socket: Some("/run/x.sock".into()),
+            socket_group: Some("piccolo-broker".into()),
+            audit_max_bytes: Some(4096),
+            check_policy: Some("p.toml".into()),
+            ..Default::default()
+        };
+        let got = parse(&[
+            "--socket",
+            "/run/x.sock",
+            "--socket-group=piccolo-broker",
+            "--audit-max-bytes=4096",
+            "--check-policy",
+            "p.toml",
+        ]);
+        assert_eq!(got, Ok(Command::Run(want)));
+        assert_eq!(parse(&[]), Ok(Command::Run(Args::default())));
+        assert_eq!(parse(&["--policy", "a", "-h"]), Ok(Command::Help));
+        assert_eq!(parse(&["-V"]), Ok(Command::Version));
+        assert_eq!(parse(&["--sockt", "x"]), Err("unknown argument \"--sockt\" (see --help)".into()));
+        assert_eq!(parse(&["--policy"]), Err("--policy needs a value (see --help)".into()));
+        assert_eq!(parse(&["--policy=a", "--policy", "b"]), Err("--policy given more than once".into()));
+        assert_eq!(parse(&["--audit-max-bytes", "1k"]), Err("--audit-max-bytes: \"1k\" is not a byte count".into()));
+        assert_eq!(parse(&["--help=x"]), Err("unknown argument \"--help=x\" (see --help)".into()));
+    }
 
     #[test]
     fn import_caps_default_to_the_format_and_may_only_shrink() {

@@ -6,9 +6,8 @@ use std::process::ExitCode;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
-use clap::Parser;
 use piccolo_audit::{AuditConfig, AuditLog, Entry};
-use piccolo_broker::config::{Args, Config};
+use piccolo_broker::config::{Args, Command, Config, USAGE};
 use piccolo_broker::guard::Ctx;
 use piccolo_broker::{backends, caps, reload, server};
 use tracing_subscriber::filter::LevelFilter;
@@ -29,7 +28,21 @@ fn main() -> ExitCode {
             "RUST_LOG is not a plain level; logging at info"
         );
     }
-    let args = Args::parse();
+    let args = match Args::parse_from(std::env::args_os().skip(1)) {
+        Ok(Command::Run(args)) => args,
+        Ok(Command::Help) => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Version) => {
+            println!("piccolo-broker {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("piccolo-broker: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if let Some(file) = &args.check_policy {
         return check_policy(file);
     }
