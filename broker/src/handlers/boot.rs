@@ -84,13 +84,24 @@ fn boot_control(cfg: &BootConfig) -> Result<bootctl::BootControl, Error> {
     }
 }
 
+/// Blocking work with its result type erased, so tokio's blocking-task code is compiled once,
+/// not once per call site (as with the guard's `Answer`).
+type BlockingWork = Box<dyn FnOnce() -> Result<Box<dyn std::any::Any + Send>, Error> + Send>;
+
 /// Runs blocking disk work off the async threads.
 pub(crate) async fn blocking<T, F>(f: F) -> Result<T, Error>
 where
     T: Send + 'static,
     F: FnOnce() -> Result<T, Error> + Send + 'static,
 {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Internal(e.to_string()))?
+    let work: BlockingWork = Box::new(move || f().map(|t| Box::new(t) as Box<dyn std::any::Any + Send>));
+    let answer = run_blocking(work).await?;
+    // Cannot fail: the answer was boxed from a `T` just above.
+    answer.downcast::<T>().map(|t| *t).map_err(|_| Error::Internal("blocking answer type".into()))
+}
+
+async fn run_blocking(work: BlockingWork) -> Result<Box<dyn std::any::Any + Send>, Error> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| Error::Internal(e.to_string()))?
 }
 
 fn slot_pb(s: Option<bootctl::SlotId>) -> i32 {
