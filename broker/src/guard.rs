@@ -178,39 +178,35 @@ where
 {
     let handler: BoxedHandler =
         Box::new(move |ctx, id| Box::pin(async move { handler(ctx, id).await.map(|r| Box::new(r) as Answer) }));
-    let answer = spawn_erased(ctx, rpc, identity, args, check, handler).await?;
+    let answer = spawn_erased(ctx, Call { rpc, identity, args, check }, handler).await?;
     // Cannot fail: the answer was boxed from an `R` just above.
     answer.downcast::<R>().map(|r| *r).map_err(|_| Status::from(Error::Internal("handler answer type".into())))
 }
 
 /// Runs the guard in its own task, so a caller that disconnects cannot cancel a call between
 /// its intent and outcome records.
-async fn spawn_erased(
-    ctx: &Shared,
-    rpc: Rpc,
-    identity: Identity,
-    args: Value,
-    check: Check,
-    handler: BoxedHandler,
-) -> Result<Answer, Status> {
+async fn spawn_erased(ctx: &Shared, call: Call, handler: BoxedHandler) -> Result<Answer, Status> {
     let ctx = ctx.clone();
     let slot = InFlight::enter(&ctx);
     tokio::spawn(async move {
         let _slot = slot;
-        run_inner(ctx, rpc, identity, args, check, handler).await
+        run_inner(ctx, call, handler).await
     })
     .await
     .map_err(|e| Status::from(Error::Internal(e.to_string())))?
 }
 
-async fn run_inner(
-    ctx: Shared,
+/// One call as the guard sees it.
+struct Call {
     rpc: Rpc,
     identity: Identity,
+    /// The argument summary for its audit records.
     args: Value,
     check: Check,
-    handler: BoxedHandler,
-) -> Result<Answer, Status> {
+}
+
+async fn run_inner(ctx: Shared, call: Call, handler: BoxedHandler) -> Result<Answer, Status> {
+    let Call { rpc, identity, args, check } = call;
     let started = Instant::now();
     let entry = |kind, decision, outcome: Option<Outcome>, intent_seq| Entry {
         kind,
