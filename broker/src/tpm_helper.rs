@@ -28,8 +28,8 @@ pub const PROGRAM: &str = "piccolo-broker-tpm";
 /// Longest a helper may run: disk enrollment unlocks an Argon2id keyslot and runs
 /// `systemd-cryptenroll`; a TPM operation alone takes well under a second.
 pub const DEADLINE: Duration = Duration::from_secs(120);
-/// Largest answer accepted (the helper bounds its input the same way).
-const MAX_ANSWER: u64 = 1 << 20;
+/// Largest request sent and answer accepted (the helper bounds its input the same way).
+const MAX_MESSAGE: u64 = 1 << 20;
 
 /// The helper program and what every request carries.
 pub struct TpmHelper {
@@ -56,6 +56,13 @@ impl TpmHelper {
         let mut request = TpmHelperRequest { tcti: self.tcti.clone(), now, identity: identity.clone(), op: Some(op) };
         let input = Zeroizing::new(request.encode_to_vec());
         wipe_secrets(&mut request);
+        // The gRPC limit is larger; no valid TPM request comes near this one.
+        if input.len() as u64 > MAX_MESSAGE {
+            return Err(Error::InvalidArgument(format!(
+                "TPM request of {} bytes exceeds {MAX_MESSAGE} bytes",
+                input.len()
+            )));
+        }
         let output = tokio::time::timeout(DEADLINE, self.exchange(&input))
             .await
             .map_err(|_| failed(format!("the TPM helper did not answer within {} s", DEADLINE.as_secs())))??;
@@ -100,7 +107,7 @@ impl TpmHelper {
         };
         let read = async move {
             let mut out = Zeroizing::new(Vec::new());
-            stdout.take(MAX_ANSWER + 1).read_to_end(&mut out).await.map(|_| out)
+            stdout.take(MAX_MESSAGE + 1).read_to_end(&mut out).await.map(|_| out)
         };
         let (written, output) = tokio::join!(write, read);
         let status = child.wait().await.map_err(|e| failed(format!("waiting for the TPM helper: {e}")))?;
@@ -115,8 +122,8 @@ impl TpmHelper {
             _ => {}
         }
         let output = output.map_err(|e| failed(format!("reading the TPM helper's answer: {e}")))?;
-        if output.len() as u64 > MAX_ANSWER {
-            return Err(failed(format!("the TPM helper's answer exceeds {MAX_ANSWER} bytes")));
+        if output.len() as u64 > MAX_MESSAGE {
+            return Err(failed(format!("the TPM helper's answer exceeds {MAX_MESSAGE} bytes")));
         }
         Ok(output)
     }

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use common::*;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use piccolo_proto::v1::UnsealSecretRequest;
+use piccolo_proto::v1::tpm_client::TpmClient;
 use piccolo_testkit::broker::{Broker, BrokerOptions};
 use piccolo_testkit::swtpm::Swtpm;
 
@@ -210,6 +212,20 @@ fn bad_input_is_invalid_argument_and_audited_as_failed() {
         assert_eq!(new[0]["decision"], "allow");
         assert_eq!(new[0]["outcome"]["code"], "INVALID_ARGUMENT", "{args:?}");
     }
+    // Larger than piccoloctl sends (64 KiB) but within the gRPC limit: refused before any
+    // helper starts, as an invalid argument, and audited.
+    let before = records(&b).len();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let e = rt
+        .block_on(async {
+            let mut c = TpmClient::new(piccolo_proto::client::connect_unix(&b.socket).await.unwrap());
+            c.unseal_secret(UnsealSecretRequest { sealed_blob: vec![b'x'; 3 << 19] }).await
+        })
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("exceeds 1048576 bytes"), "{e}");
+    let new = &records(&b)[before..];
+    assert_eq!((new.len(), &new[0]["outcome"]["code"]), (1, &serde_json::json!("INVALID_ARGUMENT")));
     assert_eq!(records(&b).iter().filter(|r| r["rpc"] == "SealSecret" && r["args"]["secret_bytes"] == 129).count(), 1);
     assert_no_secret(&b);
 }
