@@ -154,15 +154,14 @@ pub async fn probe(ctx: &Shared, kind: Kind) {
 /// The TPM probe: bounded (piccolo_tcti::CONNECT_TIMEOUT) and off the async thread. The
 /// helper that performs TPM calls must be installed too, or no call could succeed.
 async fn tpm(cfg: &crate::config::TpmConfig) -> Backend {
-    let tcti = cfg.tcti.clone();
-    match cfg.helper_program() {
+    match &cfg.helper {
         Some(p) if p.is_file() => {}
         Some(p) => return unavailable("tpm", format!("TPM helper {} not present", p.display())),
         None => return unavailable("tpm", format!("cannot locate the TPM helper {}", crate::tpm_helper::PROGRAM)),
     }
-    let probe_tcti = tcti.clone();
-    match tokio::task::spawn_blocking(move || piccolo_tcti::probe(&probe_tcti)).await {
-        Ok(Ok(())) => available("tpm", tcti),
+    let tcti = cfg.tcti.clone();
+    match crate::handlers::boot::blocking(move || Ok(piccolo_tcti::probe(&tcti).map(|()| tcti))).await {
+        Ok(Ok(tcti)) => available("tpm", tcti),
         Ok(Err(e)) => unavailable("tpm", format!("no TPM ({e})")),
         Err(e) => unavailable("tpm", format!("probe failed: {e}")),
     }

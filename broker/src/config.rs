@@ -82,12 +82,6 @@ impl Args {
                     .and_then(|v| v.into_string().ok())
                     .ok_or_else(|| format!("{flag} needs a value (see --help)")),
             };
-            fn set<T>(slot: &mut Option<T>, flag: &str, v: T) -> Result<(), String> {
-                if slot.replace(v).is_some() {
-                    return Err(format!("{flag} given more than once"));
-                }
-                Ok(())
-            }
             match flag.as_str() {
                 "--config" => set(&mut out.config, &flag, value()?.into())?,
                 "--socket" => set(&mut out.socket, &flag, value()?.into())?,
@@ -108,30 +102,29 @@ impl Args {
     }
 }
 
+/// Fills a flag's slot; a flag given twice is an error.
+fn set<T>(slot: &mut Option<T>, flag: &str, v: T) -> Result<(), String> {
+    if slot.replace(v).is_some() {
+        return Err(format!("{flag} given more than once"));
+    }
+    Ok(())
+}
+
 /// Settings of the TPM backend.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TpmConfig {
     /// TCTI string, e.g. `device:/dev/tpmrm0` or `swtpm:host=127.0.0.1,port=2321`.
     pub tcti: String,
-    /// The TPM helper program (absolute). Default: `piccolo-broker-tpm` in the directory of
-    /// the broker's own executable, as installed (`/usr/bin`) and as built (`target/*/`).
+    /// The TPM helper program (absolute). Default, filled in by [`Config::load`]:
+    /// `piccolo-broker-tpm` in the directory of the broker's own executable, as installed
+    /// (`/usr/bin`) and as built (`target/*/`); still `None` if that cannot be found.
     pub helper: Option<PathBuf>,
 }
 
 impl Default for TpmConfig {
     fn default() -> Self {
         TpmConfig { tcti: "device:/dev/tpmrm0".into(), helper: None }
-    }
-}
-
-impl TpmConfig {
-    /// The helper program to run; `None` when no default can be found (no own executable).
-    pub fn helper_program(&self) -> Option<PathBuf> {
-        match &self.helper {
-            Some(p) => Some(p.clone()),
-            None => std::env::current_exe().ok()?.parent().map(|d| d.join(crate::tpm_helper::PROGRAM)),
-        }
     }
 }
 
@@ -339,7 +332,7 @@ impl Config {
             Some(p) => (p.clone(), true),
             None => (PathBuf::from(paths::BROKER_CONFIG), false),
         };
-        let file = match std::fs::read_to_string(&path) {
+        let mut file = match std::fs::read_to_string(&path) {
             Ok(text) => toml::from_str::<FileConfig>(&text)
                 .map_err(|e| ConfigError::Parse { path: path.clone(), message: e.to_string() })?,
             Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => FileConfig::default(),
@@ -359,6 +352,10 @@ impl Config {
         }
         if file.tpm.helper.as_ref().is_some_and(|p| !p.is_absolute()) {
             return Err(ConfigError::Parse { path, message: "[tpm]: helper must be an absolute path".into() });
+        }
+        if file.tpm.helper.is_none() {
+            file.tpm.helper =
+                std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join(crate::tpm_helper::PROGRAM)));
         }
         let pick = |flag: &Option<PathBuf>, file: &Option<PathBuf>, default: &str| {
             flag.clone().or_else(|| file.clone()).unwrap_or_else(|| Path::new(default).to_path_buf())

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use piccolo_proto::paths::TPM_HELPER_MAX_BYTES as MAX_MESSAGE;
 use piccolo_proto::v1::tpm_helper_request::Op;
 use piccolo_proto::v1::tpm_helper_response::Result as Answer;
 use piccolo_proto::v1::{GetDeviceIdentityResponse, TpmErrorCode, TpmHelperRequest, TpmHelperResponse};
@@ -28,8 +29,6 @@ pub const PROGRAM: &str = "piccolo-broker-tpm";
 /// Longest a helper may run: disk enrollment unlocks an Argon2id keyslot and runs
 /// `systemd-cryptenroll`; a TPM operation alone takes well under a second.
 pub const DEADLINE: Duration = Duration::from_secs(120);
-/// Largest request sent and answer accepted (the helper bounds its input the same way).
-const MAX_MESSAGE: u64 = 1 << 20;
 
 /// The helper program and what every request carries.
 pub struct TpmHelper {
@@ -115,11 +114,10 @@ impl TpmHelper {
             return Err(failed(format!("the TPM helper failed ({status}); its log is in the broker's journal")));
         }
         // A helper that stopped reading early (EPIPE) is judged by what it answered.
-        match written {
-            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-                return Err(failed(format!("writing to the TPM helper: {e}")));
-            }
-            _ => {}
+        if let Err(e) = written
+            && e.kind() != std::io::ErrorKind::BrokenPipe
+        {
+            return Err(failed(format!("writing to the TPM helper: {e}")));
         }
         let output = output.map_err(|e| failed(format!("reading the TPM helper's answer: {e}")))?;
         if output.len() as u64 > MAX_MESSAGE {

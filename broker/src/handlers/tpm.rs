@@ -119,7 +119,7 @@ impl TpmSvc {
     /// first call.
     pub fn new(ctx: Shared) -> Self {
         let cfg = &ctx.config.file.tpm;
-        let helper = Arc::new(TpmHelper::new(cfg.helper_program(), cfg.tcti.clone()));
+        let helper = Arc::new(TpmHelper::new(cfg.helper.clone(), cfg.tcti.clone()));
         TpmSvc { ctx, helper }
     }
 }

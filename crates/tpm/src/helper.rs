@@ -19,9 +19,6 @@ use zeroize::Zeroizing;
 
 use crate::{Bank, Code, DiskConfig, Error, Identity, Result, TokenRequest, Tpm};
 
-/// Largest request or response either side accepts: sealed blobs and secrets are small.
-pub const MAX_MESSAGE: usize = 1 << 20;
-
 /// Decodes one request, runs it and encodes the answer. Never fails: a bad request is an
 /// INVALID_ARGUMENT answer. The returned buffer is wiped when dropped (it may hold a secret).
 pub fn serve(input: &[u8]) -> Zeroizing<Vec<u8>> {

@@ -28,7 +28,7 @@ pub mod token;
 
 use std::sync::Mutex;
 
-pub use conn::{CONNECT_TIMEOUT, probe};
+pub use conn::CONNECT_TIMEOUT;
 pub use disk::{DiskConfig, Enrolled};
 pub use error::{Code, Error, Result};
 pub use identity::Identity;
@@ -36,7 +36,7 @@ pub use pcr::Bank;
 pub use token::{SignedToken, TokenKey, TokenRequest};
 use zeroize::Zeroizing;
 
-use crate::conn::Scope;
+use crate::conn::{Scope, probe};
 
 /// The TPM behind one TCTI. Operations are serialised: swtpm serves one connection at a
 /// time, and a TPM has few session and object slots.
@@ -82,11 +82,6 @@ impl Tpm {
         let id = identity::read(scope)?;
         *cache = Some(id.clone());
         Ok(id)
-    }
-
-    /// Is a TPM reachable (bounded wait)?
-    pub fn available(&self) -> Result<()> {
-        probe(&self.tcti)
     }
 
     /// The EK-derived device identity (cached after the first read).

@@ -3,13 +3,14 @@
 //!
 //! The broker starts it per Tpm call, after authorising and auditing the call, so the
 //! long-lived root process never maps the TPM stack (tss-esapi, libtss2, libcrypto). Reads
-//! one `TpmHelperRequest` from stdin (to EOF, at most `helper::MAX_MESSAGE` bytes), writes
+//! one `TpmHelperRequest` from stdin (to EOF, at most `TPM_HELPER_MAX_BYTES`), writes
 //! one `TpmHelperResponse` to stdout, logs to stderr (the broker's journal). Exit 0 whenever
 //! an answer was written, failures included; 2 when the exchange itself failed.
 
 use std::io::{Read, Write};
 use std::process::ExitCode;
 
+use piccolo_proto::paths::TPM_HELPER_MAX_BYTES;
 use piccolo_tpm::helper;
 use tracing_subscriber::filter::LevelFilter;
 use zeroize::Zeroizing;
@@ -22,13 +23,12 @@ fn main() -> ExitCode {
         .with_ansi(false)
         .init();
     let mut input = Zeroizing::new(Vec::new());
-    let limit = u64::try_from(helper::MAX_MESSAGE).unwrap_or(u64::MAX) + 1;
-    if let Err(e) = std::io::stdin().lock().take(limit).read_to_end(&mut input) {
+    if let Err(e) = std::io::stdin().lock().take(TPM_HELPER_MAX_BYTES + 1).read_to_end(&mut input) {
         tracing::error!(error = %e, "cannot read the request from stdin");
         return ExitCode::from(2);
     }
-    if input.len() > helper::MAX_MESSAGE {
-        tracing::error!(limit = helper::MAX_MESSAGE, "request larger than the limit");
+    if input.len() as u64 > TPM_HELPER_MAX_BYTES {
+        tracing::error!(limit = TPM_HELPER_MAX_BYTES, "request larger than the limit");
         return ExitCode::from(2);
     }
     let output = helper::serve(&input);
