@@ -266,6 +266,8 @@ pub struct FileConfig {
     pub audit_max_bytes: Option<u64>,
     /// Rotated audit files kept.
     pub audit_keep: Option<u32>,
+    /// Write zeros ahead of the audit records (default true; see `piccolo_audit::AuditConfig`).
+    pub audit_preallocate: Option<bool>,
     /// Maximum simultaneous client connections.
     pub max_connections: Option<usize>,
     /// TPM backend.
@@ -297,6 +299,8 @@ pub struct Config {
     pub audit_max_bytes: u64,
     /// Rotated files kept.
     pub audit_keep: u32,
+    /// Preallocate the live audit file.
+    pub audit_preallocate: bool,
     /// Connection cap.
     pub max_connections: usize,
     /// The rest of the file (backends).
@@ -368,6 +372,7 @@ impl Config {
             audit_group: args.audit_group.clone().or_else(|| file.audit_group.clone()),
             audit_max_bytes: args.audit_max_bytes.or(file.audit_max_bytes).unwrap_or(64 << 20),
             audit_keep: file.audit_keep.unwrap_or(10),
+            audit_preallocate: file.audit_preallocate.unwrap_or(true),
             max_connections: file.max_connections.unwrap_or(4096),
             file,
         })

@@ -103,6 +103,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         path: config.audit_log.clone(),
         max_bytes: config.audit_max_bytes,
         keep: config.audit_keep,
+        preallocate: config.audit_preallocate,
         group: group_id(&config.audit_group)?,
     })
     .map_err(|e| format!("refusing to start without an audit log: {e}"))?;

@@ -4,6 +4,9 @@
 //! - `echo`: a raw Unix-socket echo of a 64-byte message;
 //! - `fsync-echo`: the same echo, but the server appends and fdatasyncs one audit-sized
 //!   record per message first: the floor for any durably audited call;
+//! - `fsync-echo, preallocated`: the same, but the record overwrites zeros written ahead
+//!   of time, as the broker's audit writer does by default (`audit_preallocate`), so the
+//!   `fdatasync` has no file size to make durable: the floor for the broker's own I/O;
 //! - `GetInfo`: a real broker call (policy check, identity lookup, durable audit record).
 //!
 //! The rows are measured in interleaved rounds (`BENCH_ROUNDS`, default 5: echo, fsync-echo,
@@ -46,8 +49,19 @@ fn summarize(mut v: Vec<Duration>) -> Lat {
     Lat { p50: percentile(&v, 50), p99: percentile(&v, 99) }
 }
 
-/// Echo server: reads 64-byte messages; with `audit`, appends+fdatasyncs a record first.
-fn echo_server(dir: &Path, name: &str, audit: bool) -> std::path::PathBuf {
+/// What the echo server does with a record before it answers.
+#[derive(Clone, Copy, PartialEq)]
+enum Floor {
+    /// Nothing.
+    Echo,
+    /// Appends it and `fdatasync`s.
+    Append,
+    /// Overwrites zeros written ahead (like the broker's preallocated log) and `fdatasync`s.
+    Preallocated,
+}
+
+/// Echo server: reads 64-byte messages, makes a record durable per `floor`, echoes.
+fn echo_server(dir: &Path, name: &str, floor: Floor) -> std::path::PathBuf {
     let sock = dir.join(format!("{name}.sock"));
     let listener = UnixListener::bind(&sock).unwrap();
     let log = dir.join(format!("{name}.log"));
@@ -56,14 +70,32 @@ fn echo_server(dir: &Path, name: &str, audit: bool) -> std::path::PathBuf {
             let Ok(mut c) = conn else { return };
             let log = log.clone();
             std::thread::spawn(move || {
-                let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
-                // About the size of a broker audit record for GetInfo.
-                let record = [b'x'; 420];
-                let mut buf = [0u8; 64];
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(floor != Floor::Preallocated)
+                    .write(true)
+                    .open(&log)
+                    .unwrap();
+                // Far more than a run writes, so no extension happens while measuring.
+                let ahead = 32 << 20;
+                if floor == Floor::Preallocated {
+                    f.write_all(&vec![0u8; ahead]).unwrap();
+                    f.sync_all().unwrap();
+                }
+                // About the size of a broker audit record for GetInfo, newline included.
+                let mut record = [b'x'; 421];
+                record[420] = b'\n';
+                let (mut buf, mut at) = ([0u8; 64], 0u64);
                 while c.read_exact(&mut buf).is_ok() {
-                    if audit {
-                        f.write_all(&record).unwrap();
-                        f.write_all(b"\n").unwrap();
+                    match floor {
+                        Floor::Echo => {}
+                        Floor::Append => f.write_all(&record).unwrap(),
+                        Floor::Preallocated => {
+                            std::os::unix::fs::FileExt::write_all_at(&f, &record, at % ahead as u64).unwrap();
+                            at += record.len() as u64;
+                        }
+                    }
+                    if floor != Floor::Echo {
                         f.sync_data().unwrap();
                     }
                     if c.write_all(&buf).is_err() {
@@ -227,8 +259,9 @@ fn main() {
     let rss_calls = env_usize("BENCH_RSS_CALLS", 100_000);
     // Keep the state on the same filesystem as the broker's audit log (the temp dir).
     let dir = tempfile::tempdir().unwrap();
-    let echo = echo_server(dir.path(), "echo", false);
-    let fsync_echo = echo_server(dir.path(), "fsync", true);
+    let echo = echo_server(dir.path(), "echo", Floor::Echo);
+    let fsync_echo = echo_server(dir.path(), "fsync", Floor::Append);
+    let prealloc_echo = echo_server(dir.path(), "prealloc", Floor::Preallocated);
     let b = Broker::start(BrokerOptions { policy: POLICY.into(), ..Default::default() });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let single = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -236,18 +269,23 @@ fn main() {
 
     let mut echo_c = UnixStream::connect(&echo).unwrap();
     let mut fsync_c = UnixStream::connect(&fsync_echo).unwrap();
+    let mut prealloc_c = UnixStream::connect(&prealloc_echo).unwrap();
     let mut grpc = single.block_on(client(&b.socket));
     single.block_on(broker_latency(&mut grpc, 50));
-    let (mut e, mut f, mut g) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut lat_ratios, mut scale_ratios) = (Vec::new(), Vec::new());
+    let (mut e, mut f, mut p, mut g) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut lat_ratios, mut pre_ratios, mut scale_ratios) = (Vec::new(), Vec::new(), Vec::new());
     let (mut one, mut eight) = (Load::default(), Load::default());
     let mut eight_client_seqs = Vec::new();
     for _ in 0..rounds {
         e.extend(echo_latency(&mut echo_c, per_round));
         let fr = echo_latency(&mut fsync_c, per_round);
+        let pr = echo_latency(&mut prealloc_c, per_round);
         let gr = single.block_on(broker_latency(&mut grpc, per_round));
-        lat_ratios.push(summarize(gr.clone()).p50.as_secs_f64() / summarize(fr.clone()).p50.as_secs_f64());
+        let g50 = summarize(gr.clone()).p50.as_secs_f64();
+        lat_ratios.push(g50 / summarize(fr.clone()).p50.as_secs_f64());
+        pre_ratios.push(g50 / summarize(pr.clone()).p50.as_secs_f64());
         f.extend(fr);
+        p.extend(pr);
         g.extend(gr);
 
         let r1 = one.measure(&rt, &b, me, 1, per_round);
@@ -262,7 +300,7 @@ fn main() {
     let rss = rss_kib(b.pid());
     let (rollup_rss, anon) = rss_split_kib(b.pid());
     let seq_after = rt.block_on(audit_seq(&b.socket));
-    let (e, f, g) = (summarize(e), summarize(f), summarize(g));
+    let (e, f, p, g) = (summarize(e), summarize(f), summarize(p), summarize(g));
 
     println!(
         "broker benchmark ({} sequential calls per latency row in {rounds} interleaved rounds; same machine, same run)",
@@ -271,9 +309,16 @@ fn main() {
     println!("{:<34} {:>12} {:>12}", "", "p50", "p99");
     println!("{:<34} {:>12} {:>12}", "raw unix echo", ms(e.p50), ms(e.p99));
     println!("{:<34} {:>12} {:>12}", "unix echo + fdatasync'd record", ms(f.p50), ms(f.p99));
+    println!("{:<34} {:>12} {:>12}", "  same, into preallocated zeros", ms(p.p50), ms(p.p99));
     println!("{:<34} {:>12} {:>12}", "broker GetInfo (durable audit)", ms(g.p50), ms(g.p99));
     let ratio = g.p50.as_secs_f64() / f.p50.as_secs_f64();
     println!("GetInfo p50 / fsync-echo p50 = {ratio:.2}x (target <= 1.5x; {})", spread(lat_ratios));
+    // The broker's overhead over the same I/O it does: what preallocation does not hide.
+    println!(
+        "GetInfo p50 / preallocated fsync-echo p50 = {:.2}x ({})",
+        g.p50.as_secs_f64() / p.p50.as_secs_f64(),
+        spread(pre_ratios)
+    );
     let (t1, t8) = (one.rate(), eight.rate());
     println!("calls/s, 1 client:  {t1:.0}");
     println!("calls/s, 8 clients: {t8:.0}  ({:.2}x single client; target >= 4x; {})", t8 / t1, spread(scale_ratios));

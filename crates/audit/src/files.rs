@@ -3,7 +3,7 @@
 //! and the checkpoint file `audit.jsonl.state`.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -105,13 +105,34 @@ pub(crate) fn sync_dir(path: &Path) -> std::io::Result<()> {
 /// Lines that do not parse are returned as errors with their file and line number.
 pub fn read_records(files: &[PathBuf]) -> impl Iterator<Item = Result<Record, String>> + '_ {
     files.iter().flat_map(|f| {
-        let lines: Box<dyn Iterator<Item = Result<Record, String>>> = match File::open(f) {
-            Ok(file) => Box::new(BufReader::new(file).lines().enumerate().map(move |(i, l)| {
-                let l = l.map_err(|e| format!("{}:{}: {e}", f.display(), i + 1))?;
-                serde_json::from_str::<Record>(&l).map_err(|e| format!("{}:{}: {e}", f.display(), i + 1))
-            })),
+        let lines: Box<dyn Iterator<Item = Result<Record, String>>> = match read_log(f) {
+            Ok(text) => {
+                // Parses one line at a time; only the file's text is held.
+                let (mut pos, mut lineno) = (0, 0);
+                Box::new(std::iter::from_fn(move || {
+                    let rest = text.get(pos..).filter(|r| !r.is_empty())?;
+                    let line = rest.split('\n').next().unwrap_or(rest);
+                    pos += line.len() + 1;
+                    lineno += 1;
+                    Some(serde_json::from_str::<Record>(line).map_err(|e| format!("{}:{lineno}: {e}", f.display())))
+                }))
+            }
             Err(e) => Box::new(std::iter::once(Err(format!("{}: {e}", f.display())))),
         };
         lines
     })
+}
+
+/// The records of one file as text: up to the zeros a preallocating writer keeps ahead of
+/// them (see [`crate::AuditConfig::preallocate`]). Anything but zeros after the first zero
+/// is an error: records never contain a NUL byte.
+pub fn read_log(path: &Path) -> Result<String, String> {
+    let mut bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+    if let Some(end) = bytes.iter().position(|b| *b == 0) {
+        if let Some(junk) = bytes[end..].iter().position(|b| *b != 0) {
+            return Err(format!("byte {} is not zero, after the end of the records at byte {end}", end + junk));
+        }
+        bytes.truncate(end);
+    }
+    String::from_utf8(bytes).map_err(|_| "not UTF-8".into())
 }

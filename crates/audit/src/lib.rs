@@ -15,7 +15,7 @@ mod verify;
 mod writer;
 
 pub use error::{AuditError, VerifyError};
-pub use files::{ChainState, Checkpoint, chain_files, read_chain_state, read_records, state_path};
+pub use files::{ChainState, Checkpoint, chain_files, read_chain_state, read_log, read_records, state_path};
 pub use record::{Caller, Decision, Entry, GENESIS, Kind, Outcome, Record};
 pub use verify::{VerifySummary, verify_files};
-pub use writer::{AuditConfig, AuditLog};
+pub use writer::{AuditConfig, AuditLog, PREALLOCATE};

@@ -3,8 +3,6 @@
 //! consecutive, each `prev` equal to the hash before it, the start linked to genesis or to
 //! the rotation anchor, and the end not before the writer's head checkpoint.
 
-use std::fs::File;
-use std::io::Read;
 use std::path::PathBuf;
 
 use crate::error::VerifyError;
@@ -30,11 +28,7 @@ pub fn verify_files(files: &[PathBuf], state: &ChainState) -> Result<VerifySumma
     let mut summary = VerifySummary { records: 0, first_seq: None, last_seq: None, last_hash: None };
     for file in files {
         let err = |line: usize, seq: Option<u64>, reason: String| VerifyError { file: file.clone(), line, seq, reason };
-        let mut bytes = Vec::new();
-        File::open(file)
-            .and_then(|mut f| f.read_to_end(&mut bytes))
-            .map_err(|e| err(0, None, format!("cannot read: {e}")))?;
-        let text = String::from_utf8(bytes).map_err(|_| err(0, None, "not UTF-8".into()))?;
+        let text = crate::files::read_log(file).map_err(|r| err(0, None, r))?;
         let mut rest = text.as_str();
         let mut lineno = 0;
         while !rest.is_empty() {

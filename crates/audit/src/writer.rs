@@ -6,10 +6,18 @@
 //! ([`AuditLog::append_inline`]), which saves the two thread hand-offs of the queue. A failed
 //! batch is cut off again with `ftruncate`, so the file never holds a record a caller was
 //! told failed.
+//!
+//! With [`AuditConfig::preallocate`], the live file is extended ahead of the records with
+//! written zeros ([`PREALLOCATE`] at a time) and records overwrite that tail in place. An
+//! `fdatasync` then has no file size to make durable: on ext4 it skips the inode write and
+//! costs one device write and a flush instead of three (PostgreSQL preallocates its WAL for
+//! the same reason). Records never contain a NUL byte (JSON escapes it), so the first NUL
+//! is the end of the log; readers stop there, a closed or rotated file is trimmed to its
+//! records, and an open after a crash cuts the tail off before writing.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -33,6 +41,9 @@ const MAX_BATCH: usize = 1024;
 /// yields between checks instead of spinning (measured: broker CPU per sequential call
 /// 183-187 µs vs 193-203 µs, p99 0.40 ms vs 0.53-0.65 ms, p50 the same within noise).
 const POLL_AFTER_COMMIT: Duration = Duration::from_micros(200);
+/// Zeros written ahead of the records at a time with [`AuditConfig::preallocate`]: one
+/// extension (a 1 MiB write in that commit's `fdatasync`) per ~2,500 GetInfo-sized records.
+pub const PREALLOCATE: u64 = 1 << 20;
 
 /// Where and how the log is kept.
 #[derive(Debug, Clone)]
@@ -45,6 +56,10 @@ pub struct AuditConfig {
     pub keep: u32,
     /// Group owner of the files (mode 0640), e.g. `piccolo-audit`.
     pub group: Option<u32>,
+    /// Keep zeros written ahead of the records in the live file (see the module docs). The
+    /// live file then does not grow record by record, so `tail -f` on it shows nothing new
+    /// while the broker runs; `piccoloctl audit show` reads it either way.
+    pub preallocate: bool,
 }
 
 type Reply = oneshot::Sender<Result<u64, AuditError>>;
@@ -155,7 +170,10 @@ impl Drop for AuditLog {
 struct Writer {
     cfg: AuditConfig,
     file: File,
+    /// End of the records: where the next one is written.
     size: u64,
+    /// File length: `size` plus the zeros written ahead (equal to `size` without preallocation).
+    allocated: u64,
     next_seq: u64,
     prev: String,
     state: ChainState,
@@ -173,7 +191,7 @@ impl Writer {
     fn open(cfg: AuditConfig) -> Result<(Writer, Option<Torn>), AuditError> {
         let path = cfg.path.clone();
         let open_err = |source| AuditError::Open { path: path.clone(), source };
-        let mut file = open_append(&cfg).map_err(open_err)?;
+        let mut file = open_log(&cfg).map_err(open_err)?;
         let state = read_chain_state(&cfg.path).map_err(|e| AuditError::Recover {
             path: cfg.path.clone(),
             reason: format!("checkpoint file unreadable: {e}"),
@@ -202,6 +220,7 @@ impl Writer {
             cfg,
             file,
             size,
+            allocated: size,
             next_seq,
             prev,
             state,
@@ -233,9 +252,14 @@ impl Writer {
             replies.push((seq, reply));
             seq += 1;
         }
-        match self.file.write_all(buf.as_bytes()).and_then(|()| self.file.sync_data()) {
+        let written = self
+            .preallocate_for(buf.len() as u64)
+            .and_then(|()| self.file.write_all_at(buf.as_bytes(), self.size))
+            .and_then(|()| self.file.sync_data());
+        match written {
             Ok(()) => {
                 self.size += buf.len() as u64;
+                self.allocated = self.allocated.max(self.size);
                 self.next_seq = seq;
                 self.prev = prev;
                 self.dirty = true;
@@ -251,8 +275,9 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(path = %self.cfg.path.display(), error = %e, "audit append failed; rolling the batch back");
-                // Cut the partial batch off so the file never holds records reported as failed.
-                if self.file.set_len(self.size).and_then(|()| self.file.sync_all()).is_err() {
+                // Cut the partial batch (and any zeros ahead) off so the file never holds
+                // records reported as failed.
+                if self.trim().is_err() {
                     self.poisoned = true;
                 }
                 for (_, reply) in replies {
@@ -261,6 +286,31 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Makes sure `len` more bytes of record fit in zeros already written, extending the
+    /// file by [`PREALLOCATE`] (never past the rotation size) if not. Made durable by the
+    /// commit's own `fdatasync`.
+    fn preallocate_for(&mut self, len: u64) -> std::io::Result<()> {
+        let need = self.size + len;
+        if !self.cfg.preallocate || need <= self.allocated {
+            return Ok(());
+        }
+        let target = need.max((self.size + PREALLOCATE).min(self.cfg.max_bytes));
+        if target > need {
+            let zeros = vec![0u8; usize::try_from(target - need).unwrap_or(0)];
+            self.file.write_all_at(&zeros, need)?;
+        }
+        self.allocated = target;
+        Ok(())
+    }
+
+    /// Cuts the file back to its records (drops zeros written ahead and any failed batch).
+    fn trim(&mut self) -> std::io::Result<()> {
+        self.file.set_len(self.size)?;
+        self.file.sync_all()?;
+        self.allocated = self.size;
+        Ok(())
     }
 
     fn head(&self) -> Option<Checkpoint> {
@@ -304,9 +354,12 @@ impl Writer {
                 std::fs::rename(&from, rotated_path(&path, n + 1)).map_err(rot)?;
             }
         }
+        // A rotated file holds records only.
+        self.trim().map_err(rot)?;
         std::fs::rename(&path, rotated_path(&path, 1)).map_err(rot)?;
-        self.file = open_append(&self.cfg).map_err(rot)?;
+        self.file = open_log(&self.cfg).map_err(rot)?;
         self.size = 0;
+        self.allocated = 0;
         sync_dir(&path).map_err(rot)?;
         self.dirty = true;
         self.checkpoint_if_due(true);
@@ -346,7 +399,14 @@ fn run(writer: &Mutex<Writer>, rx: mpsc::Receiver<(Entry, Reply)>) {
         w.commit(batch);
         w.checkpoint_if_due(false);
     }
-    lock().checkpoint_if_due(true);
+    let mut w = lock();
+    w.checkpoint_if_due(true);
+    // A cleanly stopped broker leaves plain JSON Lines.
+    if w.allocated > w.size
+        && let Err(e) = w.trim()
+    {
+        tracing::warn!(error = %e, "cannot trim the audit log's preallocated tail");
+    }
 }
 
 /// The next queued message if one arrives before `deadline` (polling with `yield_now`, no parking).
@@ -363,8 +423,10 @@ fn poll_until<T>(rx: &mpsc::Receiver<T>, deadline: Instant) -> Option<T> {
     }
 }
 
-fn open_append(cfg: &AuditConfig) -> std::io::Result<File> {
-    let f = OpenOptions::new().read(true).append(true).create(true).mode(0o640).open(&cfg.path)?;
+/// Opens the live file for writing at explicit offsets (the writer keeps the end; O_APPEND
+/// would ignore them), creating it if needed.
+fn open_log(cfg: &AuditConfig) -> std::io::Result<File> {
+    let f = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o640).open(&cfg.path)?;
     f.set_permissions(std::fs::Permissions::from_mode(0o640))?;
     if let Some(gid) = cfg.group {
         nix::unistd::fchown(&f, None, Some(nix::unistd::Gid::from_raw(gid))).map_err(std::io::Error::from)?;
@@ -372,22 +434,31 @@ fn open_append(cfg: &AuditConfig) -> std::io::Result<File> {
     Ok(f)
 }
 
-/// Returns the last complete line, cutting off (and reporting) a torn tail.
+/// Returns the last complete line, cutting off (and reporting) a torn tail, and the zeros
+/// a preallocating writer left ahead of its records if it did not stop cleanly.
 fn read_tail(f: &mut File) -> std::io::Result<(Option<String>, Option<Torn>)> {
     let len = f.metadata()?.len();
     if len == 0 {
         return Ok((None, None));
     }
-    // Records are small; 1 MiB always holds the last complete line and any torn tail.
-    let start = len.saturating_sub(1 << 20);
+    // Records are small and the zeros ahead are at most PREALLOCATE: this window always holds
+    // the last complete line, any torn tail and the whole zero tail.
+    let start = len.saturating_sub(2 * PREALLOCATE + (1 << 20));
     f.seek(SeekFrom::Start(start))?;
     let mut buf = Vec::new();
     f.read_to_end(&mut buf)?;
     let mut torn = None;
-    if buf.last() != Some(&b'\n') {
-        let cut = buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    // Nothing from the first NUL on was ever acknowledged: an acknowledged batch is durable
+    // and contiguous. What is not zero there is a torn batch's fragment.
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    let written_end = buf.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1).max(end);
+    if buf[..end].last() != Some(&b'\n') || end < buf.len() {
+        let cut = buf[..end].iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        buf.truncate(written_end);
         let tail = buf.split_off(cut);
-        torn = Some((tail.len() as u64, hex::encode(Sha256::digest(&tail))));
+        if !tail.is_empty() {
+            torn = Some((tail.len() as u64, hex::encode(Sha256::digest(&tail))));
+        }
         f.set_len(start + cut as u64)?;
         f.sync_all()?;
     }

@@ -19,7 +19,7 @@ fn entry(i: u64) -> Entry {
 }
 
 fn cfg(dir: &Path, max_bytes: u64, keep: u32) -> AuditConfig {
-    AuditConfig { path: dir.join("audit.jsonl"), max_bytes, keep, group: None }
+    AuditConfig { path: dir.join("audit.jsonl"), max_bytes, keep, group: None, preallocate: true }
 }
 
 fn write_n(c: &AuditConfig, n: u64) {
@@ -176,7 +176,13 @@ fn concurrent_appends_get_unique_consecutive_seqs() {
 #[test]
 fn open_fails_when_the_log_cannot_be_opened() {
     let d = tempfile::tempdir().unwrap();
-    let c = AuditConfig { path: d.path().join("missing-dir/audit.jsonl"), max_bytes: 1 << 20, keep: 1, group: None };
+    let c = AuditConfig {
+        path: d.path().join("missing-dir/audit.jsonl"),
+        max_bytes: 1 << 20,
+        keep: 1,
+        group: None,
+        preallocate: true,
+    };
     assert!(matches!(AuditLog::open(c), Err(AuditError::Open { .. })));
 }
 
@@ -217,4 +223,118 @@ fn inline_and_queued_appends_share_one_chain() {
     // Every record is on disk once: the inline ones did not bypass the chain.
     let n: usize = chain_files(&c.path).iter().map(|f| lines(f).len()).sum();
     assert_eq!(n, 300);
+}
+
+/// The live file with preallocation: records, then zeros; readers stop at the zeros while the
+/// writer runs, and a closed log is plain JSON Lines again.
+#[test]
+fn preallocated_tail_is_invisible_to_readers_and_trimmed_on_close() {
+    let d = tempfile::tempdir().unwrap();
+    let c = cfg(d.path(), 1 << 30, 3);
+    let log = AuditLog::open(c.clone()).unwrap();
+    for i in 0..20 {
+        log.append_blocking(entry(i)).unwrap();
+    }
+    let bytes = std::fs::read(&c.path).unwrap();
+    let end = bytes.iter().position(|b| *b == 0).expect("zeros ahead of the records");
+    assert!(bytes.len() as u64 >= PREALLOCATE, "file is {} bytes", bytes.len());
+    assert!(bytes[end..].iter().all(|b| *b == 0));
+    assert_eq!(bytes[end - 1], b'\n');
+    assert_eq!(read_records(&chain_files(&c.path)).filter(Result::is_ok).count(), 20);
+    assert_eq!(verify(&c.path).unwrap().records, 20);
+    log.close();
+    let bytes = std::fs::read(&c.path).unwrap();
+    assert_eq!(bytes.len(), end, "close trims the zeros");
+    assert!(!bytes.contains(&0));
+
+    // Without preallocation the file is only ever records.
+    let d = tempfile::tempdir().unwrap();
+    let plain = AuditConfig { preallocate: false, ..cfg(d.path(), 1 << 30, 3) };
+    let log = AuditLog::open(plain.clone()).unwrap();
+    log.append_blocking(entry(0)).unwrap();
+    assert!(!std::fs::read(&plain.path).unwrap().contains(&0));
+    assert_eq!(lines(&plain.path).len(), 1);
+}
+
+/// A broker that died with zeros ahead (and a batch torn into them) restarts cleanly: the
+/// fragment is reported like any torn tail, the zeros are cut, the chain continues.
+#[test]
+fn crash_with_a_preallocated_tail_recovers_on_open() {
+    use std::os::unix::fs::FileExt;
+    let d = tempfile::tempdir().unwrap();
+    let c = cfg(d.path(), 1 << 30, 3);
+    let log = AuditLog::open(c.clone()).unwrap();
+    for i in 0..5 {
+        log.append_blocking(entry(i)).unwrap();
+    }
+    // The file as a crash would leave it: copied while the writer holds its zero tail.
+    let crashed = d.path().join("crashed");
+    std::fs::create_dir(&crashed).unwrap();
+    let c2 = cfg(&crashed, 1 << 30, 3);
+    std::fs::copy(&c.path, &c2.path).unwrap();
+    log.close();
+    let bytes = std::fs::read(&c2.path).unwrap();
+    let end = bytes.iter().position(|b| *b == 0).unwrap() as u64;
+    // A batch whose second page reached the disk and whose first did not.
+    let f = std::fs::OpenOptions::new().write(true).open(&c2.path).unwrap();
+    f.write_all_at(b"{\"seq\":6,\"half", end + 5000).unwrap();
+    drop(f);
+
+    write_n(&c2, 2);
+    let text = std::fs::read_to_string(&c2.path).unwrap();
+    assert!(!text.contains('\0'));
+    let recs: Vec<Record> = read_records(&chain_files(&c2.path)).map(Result::unwrap).collect();
+    assert_eq!(recs.len(), 8, "5 + the torn-tail event + 2");
+    assert_eq!(recs[5].entry.rpc, "audit.torn_tail_removed");
+    // From the end of the records through the fragment; the zeros after it are not counted.
+    assert_eq!(recs[5].entry.args["bytes"], 5014);
+    assert_eq!(verify(&c2.path).unwrap().records, 8);
+
+    // A clean zero tail alone is not a torn tail.
+    let d = tempfile::tempdir().unwrap();
+    let c3 = cfg(d.path(), 1 << 30, 3);
+    let log = AuditLog::open(c3.clone()).unwrap();
+    log.append_blocking(entry(0)).unwrap();
+    let snapshot = std::fs::read(&c3.path).unwrap();
+    log.close();
+    std::fs::write(&c3.path, &snapshot).unwrap();
+    write_n(&c3, 1);
+    let recs: Vec<Record> = read_records(&chain_files(&c3.path)).map(Result::unwrap).collect();
+    assert_eq!(recs.iter().map(|r| r.entry.rpc.as_str()).collect::<Vec<_>>(), ["GetInfo", "GetInfo"]);
+}
+
+/// Zeros followed by data that is not zero is damage, and the verifier says where.
+#[test]
+fn bytes_after_the_zero_tail_are_detected() {
+    use std::os::unix::fs::FileExt;
+    let d = tempfile::tempdir().unwrap();
+    let c = cfg(d.path(), 1 << 30, 3);
+    write_n(&c, 3);
+    let len = std::fs::metadata(&c.path).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&c.path).unwrap();
+    f.write_all_at(&[0u8; 100], len).unwrap();
+    f.write_all_at(b"x", len + 100).unwrap();
+    drop(f);
+    let e = verify(&c.path).unwrap_err();
+    assert!(e.reason.contains(&format!("byte {} is not zero", len + 100)), "{e}");
+    assert!(read_records(&chain_files(&c.path)).any(|r| r.is_err()));
+}
+
+/// Rotation leaves records only in the rotated file, and preallocation never runs past the
+/// rotation size.
+#[test]
+fn rotated_files_hold_no_zeros() {
+    let d = tempfile::tempdir().unwrap();
+    let c = cfg(d.path(), 4096, 3);
+    let log = AuditLog::open(c.clone()).unwrap();
+    for i in 0..30 {
+        log.append_blocking(entry(i)).unwrap();
+        let len = std::fs::metadata(&c.path).unwrap().len();
+        assert!(len < 4096 + 1024, "live file {len} bytes");
+    }
+    for f in chain_files(&c.path).iter().filter(|f| **f != c.path) {
+        assert!(!std::fs::read(f).unwrap().contains(&0), "{} has zeros", f.display());
+    }
+    assert_eq!(verify(&c.path).unwrap().records, 30);
+    log.close();
 }

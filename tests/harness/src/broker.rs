@@ -149,9 +149,9 @@ impl Broker {
         self.spawn();
     }
 
-    /// The audit log's text (live file only).
+    /// The audit log's records as text (live file only, without the preallocated zeros).
     pub fn audit_text(&self) -> String {
-        std::fs::read_to_string(&self.audit).unwrap_or_default()
+        piccolo_audit::read_log(&self.audit).unwrap_or_default()
     }
 
     /// Runs `piccoloctl --socket <socket> args...` as `user` (root: as is).
