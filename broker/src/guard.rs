@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
@@ -40,7 +40,12 @@ pub struct Ctx {
     pub backends: crate::backends::Backends,
     /// Calls between the guard's spawn and the end of their task.
     pub in_flight: AtomicUsize,
+    /// When (µs after `started`, 0 = never) a call last entered with another in flight.
+    pub last_overlap_us: AtomicU64,
 }
+
+/// How long (µs) after two calls overlapped every call still goes to the writer thread.
+const OVERLAP_MEMORY_US: u64 = 2_000;
 
 /// Shared handle passed to handlers.
 pub type Shared = Arc<Ctx>;
@@ -59,13 +64,25 @@ impl Ctx {
     /// Otherwise the writer thread batches it with the others (group commit). On the
     /// broker's one-thread runtime, calls read in the same event-loop turn all pass the
     /// guard's spawn before the first reaches its audit write; a call still unread in its
-    /// socket is not counted, and waits at most one commit.
+    /// socket is not counted, and would wait for an inline commit, so under concurrent load
+    /// (calls overlapped within [`OVERLAP_MEMORY_US`]) every call goes to the writer thread
+    /// (measured with 8 clients: a fifth of the commits were inline singletons that held
+    /// the async thread through their `fdatasync`).
     async fn write_audit(&self, entry: Entry) -> Result<u64, AuditError> {
-        if self.in_flight.load(Ordering::Acquire) <= 1 {
+        if self.in_flight.load(Ordering::Acquire) <= 1 && !self.overlapped_recently() {
             self.audit.append_inline(entry).await
         } else {
             self.audit.append(entry).await
         }
+    }
+
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX).max(1)
+    }
+
+    fn overlapped_recently(&self) -> bool {
+        let last = self.last_overlap_us.load(Ordering::Relaxed);
+        last != 0 && self.now_us().saturating_sub(last) < OVERLAP_MEMORY_US
     }
 }
 
@@ -74,7 +91,9 @@ struct InFlight(Shared);
 
 impl InFlight {
     fn enter(ctx: &Shared) -> InFlight {
-        ctx.in_flight.fetch_add(1, Ordering::AcqRel);
+        if ctx.in_flight.fetch_add(1, Ordering::AcqRel) > 0 {
+            ctx.last_overlap_us.store(ctx.now_us(), Ordering::Relaxed);
+        }
         InFlight(ctx.clone())
     }
 }

@@ -137,6 +137,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         stopping: tokio::sync::Notify::new(),
         backends: Default::default(),
         in_flight: Default::default(),
+        last_overlap_us: Default::default(),
     });
 
     // 4. One async thread: the broker's work is I/O; slow backend calls (TPM, disks) go to

@@ -170,25 +170,36 @@ async fn audit_seq(socket: &Path) -> u64 {
     client(socket).await.get_info(GetInfoRequest {}).await.unwrap().into_inner().audit_seq
 }
 
-/// Mean records per group commit over the seqs in the `(from, to]` ranges, in one pass over
-/// the log: the writer stamps one `ts` on every record of a batch, so a batch is a run of
+/// Records per commit over the seqs in the `(from, to]` ranges, in one pass over the log:
+/// the writer stamps one `ts` on every record of a batch, so a batch is a run of
 /// consecutive records with the same `ts`.
-fn records_per_commit(log: &Path, ranges: &[(u64, u64)]) -> f64 {
+fn commit_sizes(log: &Path, ranges: &[(u64, u64)]) -> Vec<u64> {
     let files = piccolo_audit::chain_files(log);
-    let (mut records, mut batches, mut last_ts) = (0u64, 0u64, String::new());
+    let (mut sizes, mut last_ts) = (Vec::new(), String::new());
     for rec in piccolo_audit::read_records(&files).flatten() {
         if !ranges.iter().any(|&(from, to)| rec.seq > from && rec.seq <= to) {
             // A batch never continues across a gap between ranges.
             last_ts.clear();
             continue;
         }
-        records += 1;
         if rec.ts != last_ts {
-            batches += 1;
+            sizes.push(0);
             last_ts = rec.ts;
         }
+        *sizes.last_mut().unwrap() += 1;
     }
-    records as f64 / batches.max(1) as f64
+    sizes
+}
+
+/// Mean records per commit and how many commits held 1, 2, ... records.
+fn describe_commits(sizes: &[u64]) -> String {
+    let mut hist = std::collections::BTreeMap::<u64, u64>::new();
+    for s in sizes {
+        *hist.entry(*s).or_default() += 1;
+    }
+    let mean = sizes.iter().sum::<u64>() as f64 / sizes.len().max(1) as f64;
+    let hist: Vec<String> = hist.iter().map(|(size, n)| format!("{size}: {n}")).collect();
+    format!("{mean:.2} (commits by size: {})", hist.join(", "))
 }
 
 fn rss_kib(pid: i32) -> u64 {
@@ -328,7 +339,10 @@ fn main() {
         per_call(one.broker_cpu, one.calls),
         per_call(eight.broker_cpu, eight.calls)
     );
-    println!("records per group commit with 8 clients: {:.2}", records_per_commit(&b.audit, &eight_client_seqs));
+    println!(
+        "records per group commit with 8 clients: {}",
+        describe_commits(&commit_sizes(&b.audit, &eight_client_seqs))
+    );
     // The clients share the machine with the broker: on 2 cores, broker + client CPU per call
     // bounds the calls/s any number of clients can reach.
     println!(

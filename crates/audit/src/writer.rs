@@ -302,9 +302,9 @@ impl Writer {
         static ZEROS: [u8; 16 << 10] = [0; 16 << 10];
         let mut at = need;
         while at < target {
-            let n = (target - at).min(ZEROS.len() as u64);
-            self.file.write_all_at(&ZEROS[..n as usize], at)?;
-            at += n;
+            let n = usize::try_from(target - at).map_or(ZEROS.len(), |rest| rest.min(ZEROS.len()));
+            self.file.write_all_at(&ZEROS[..n], at)?;
+            at += n as u64;
         }
         self.allocated = target;
         Ok(())
