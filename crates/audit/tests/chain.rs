@@ -22,12 +22,17 @@ fn cfg(dir: &Path, max_bytes: u64, keep: u32) -> AuditConfig {
     AuditConfig { path: dir.join("audit.jsonl"), max_bytes, keep, group: None, preallocate: true }
 }
 
-fn write_n(c: &AuditConfig, n: u64) {
+/// An open log with `n` records appended.
+fn open_with(c: &AuditConfig, n: u64) -> AuditLog {
     let log = AuditLog::open(c.clone()).unwrap();
     for i in 0..n {
         log.append_blocking(entry(i)).unwrap();
     }
-    log.close();
+    log
+}
+
+fn write_n(c: &AuditConfig, n: u64) {
+    open_with(c, n).close();
 }
 
 fn verify(path: &Path) -> Result<VerifySummary, VerifyError> {
@@ -231,10 +236,7 @@ fn inline_and_queued_appends_share_one_chain() {
 fn preallocated_tail_is_invisible_to_readers_and_trimmed_on_close() {
     let d = tempfile::tempdir().unwrap();
     let c = cfg(d.path(), 1 << 30, 3);
-    let log = AuditLog::open(c.clone()).unwrap();
-    for i in 0..20 {
-        log.append_blocking(entry(i)).unwrap();
-    }
+    let log = open_with(&c, 20);
     let bytes = std::fs::read(&c.path).unwrap();
     let end = bytes.iter().position(|b| *b == 0).expect("zeros ahead of the records");
     assert!(bytes.len() as u64 >= PREALLOCATE, "file is {} bytes", bytes.len());
@@ -263,10 +265,7 @@ fn crash_with_a_preallocated_tail_recovers_on_open() {
     use std::os::unix::fs::FileExt;
     let d = tempfile::tempdir().unwrap();
     let c = cfg(d.path(), 1 << 30, 3);
-    let log = AuditLog::open(c.clone()).unwrap();
-    for i in 0..5 {
-        log.append_blocking(entry(i)).unwrap();
-    }
+    let log = open_with(&c, 5);
     // The file as a crash would leave it: copied while the writer holds its zero tail.
     let crashed = d.path().join("crashed");
     std::fs::create_dir(&crashed).unwrap();
