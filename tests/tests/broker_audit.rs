@@ -143,3 +143,41 @@ fn broker_continues_the_chain_across_restarts_and_refuses_to_start_without_a_log
     assert!(err.contains("refusing to start without an audit log"), "{err}");
     assert!(!b.socket.exists(), "no socket may appear");
 }
+
+/// While the broker runs, the live file ends in zeros written ahead of the records, and
+/// `piccoloctl` reads and verifies it through them; a stopped broker leaves plain JSON
+/// Lines; `audit_preallocate = false` appends instead.
+#[test]
+fn the_live_log_is_read_through_its_preallocated_tail() {
+    let mut b = broker(MATRIX_POLICY);
+    assert!(b.ctl_as("piccolo-api", &["info"]).status.success());
+    let log = b.audit.display().to_string();
+    let bytes = std::fs::read(&b.audit).unwrap();
+    let end = bytes.iter().position(|x| *x == 0).expect("zeros ahead of the records");
+    assert!(bytes.len() as u64 >= piccolo_audit::PREALLOCATE, "live file is {} bytes", bytes.len());
+    assert_eq!(bytes[end - 1], b'\n');
+    let (code, text) = ctl(&["audit", "verify", "--log", &log]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("ok: 2 records"), "{text}");
+    let (_, text) = ctl(&["audit", "show", "--log", &log, "--rpc", "GetInfo", "--json"]);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(b.stop().success());
+    let stopped = std::fs::read(&b.audit).unwrap();
+    assert!(!stopped.contains(&0), "a stopped broker trims the zeros");
+    assert_eq!(stopped[..end], bytes[..end], "the records written while running are unchanged");
+    assert_eq!(stopped.last(), Some(&b'\n'));
+    let (code, text) = ctl(&["audit", "verify", "--log", &log]);
+    assert_eq!(code, 0, "{text}");
+
+    let mut b = piccolo_testkit::broker::Broker::start(piccolo_testkit::broker::BrokerOptions {
+        policy: MATRIX_POLICY.into(),
+        socket_group: Some("piccolo-broker".into()),
+        extra_config: "audit_preallocate = false\n".into(),
+        ..Default::default()
+    });
+    assert!(b.ctl_as("piccolo-api", &["info"]).status.success());
+    let bytes = std::fs::read(&b.audit).unwrap();
+    assert!(!bytes.is_empty() && !bytes.contains(&0), "appending: records only");
+    assert_eq!(bytes.last(), Some(&b'\n'));
+    assert!(b.stop().success());
+}
