@@ -174,6 +174,8 @@ struct Writer {
     size: u64,
     /// File length: `size` plus the zeros written ahead (equal to `size` without preallocation).
     allocated: u64,
+    /// The last extension failed (warned once until one succeeds).
+    preallocation_failed: bool,
     next_seq: u64,
     prev: String,
     state: ChainState,
@@ -221,6 +223,7 @@ impl Writer {
             file,
             size,
             allocated: size,
+            preallocation_failed: false,
             next_seq,
             prev,
             state,
@@ -300,13 +303,31 @@ impl Writer {
         // From one small static buffer: a 1 MiB heap buffer would stay resident in each
         // thread's malloc arena after it is freed (measured: +2 MiB of anonymous RSS).
         static ZEROS: [u8; 16 << 10] = [0; 16 << 10];
-        let mut at = need;
-        while at < target {
-            let n = usize::try_from(target - at).map_or(ZEROS.len(), |rest| rest.min(ZEROS.len()));
-            self.file.write_all_at(&ZEROS[..n], at)?;
-            at += n as u64;
+        let extend = || -> std::io::Result<()> {
+            let mut at = need;
+            while at < target {
+                let n = usize::try_from(target - at).map_or(ZEROS.len(), |rest| rest.min(ZEROS.len()));
+                self.file.write_all_at(&ZEROS[..n], at)?;
+                at += n as u64;
+            }
+            Ok(())
+        };
+        match extend() {
+            Ok(()) => {
+                self.allocated = target;
+                self.preallocation_failed = false;
+            }
+            // A disk too full for the zeros may still hold the records: append this batch
+            // instead of refusing it, and try again at the next commit.
+            Err(e) => {
+                if !self.preallocation_failed {
+                    tracing::warn!(path = %self.cfg.path.display(), error = %e, "cannot preallocate the audit log; appending");
+                }
+                self.preallocation_failed = true;
+                self.file.set_len(self.size)?;
+                self.allocated = self.size;
+            }
         }
-        self.allocated = target;
         Ok(())
     }
 

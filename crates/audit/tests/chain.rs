@@ -337,3 +337,41 @@ fn rotated_files_hold_no_zeros() {
     assert_eq!(verify(&c.path).unwrap().records, 30);
     log.close();
 }
+
+/// Unmounts a test filesystem when dropped.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// A disk with no room for the zeros still takes records (appended), and once it is full a
+/// failed commit leaves nothing behind: the file holds exactly the acknowledged records.
+/// Needs root for the small tmpfs (the test suite runs as root).
+#[test]
+fn a_disk_too_small_for_the_zeros_still_takes_records_until_it_is_full() {
+    let d = tempfile::tempdir().unwrap();
+    let small = d.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    nix::mount::mount(Some("tmpfs"), &small, Some("tmpfs"), nix::mount::MsFlags::empty(), Some("size=256k"))
+        .expect("mount a 256 KiB tmpfs (run the tests as root)");
+    let _unmount = Unmount(small.clone());
+    let c = cfg(&small, 1 << 30, 3);
+    let log = open_with(&c, 20);
+    assert!(!std::fs::read(&c.path).unwrap().contains(&0), "no zeros fit: records appended");
+    let mut acknowledged = 20;
+    let failure = loop {
+        match log.append_blocking(entry(acknowledged)) {
+            Ok(_) => acknowledged += 1,
+            Err(e) => break e,
+        }
+        assert!(acknowledged < 100_000, "a 256 KiB filesystem never filled up");
+    };
+    assert!(acknowledged > 200, "only {acknowledged} records fitted");
+    assert!(matches!(failure, AuditError::Append { .. }), "{failure:?}");
+    log.close();
+    assert_eq!(read_records(&chain_files(&c.path)).filter(Result::is_ok).count(), acknowledged as usize);
+    assert!(read_records(&chain_files(&c.path)).all(|r| r.is_ok()));
+}
