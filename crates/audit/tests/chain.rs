@@ -372,6 +372,6 @@ fn a_disk_too_small_for_the_zeros_still_takes_records_until_it_is_full() {
     assert!(acknowledged > 200, "only {acknowledged} records fitted");
     assert!(matches!(failure, AuditError::Append { .. }), "{failure:?}");
     log.close();
-    assert_eq!(read_records(&chain_files(&c.path)).filter(Result::is_ok).count(), acknowledged as usize);
+    assert_eq!(read_records(&chain_files(&c.path)).filter(Result::is_ok).count() as u64, acknowledged);
     assert!(read_records(&chain_files(&c.path)).all(|r| r.is_ok()));
 }
