@@ -3,7 +3,7 @@
 //! and the checkpoint file `audit.jsonl.state`.
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{BufRead, Cursor, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -106,17 +106,11 @@ pub(crate) fn sync_dir(path: &Path) -> std::io::Result<()> {
 pub fn read_records(files: &[PathBuf]) -> impl Iterator<Item = Result<Record, String>> + '_ {
     files.iter().flat_map(|f| {
         let lines: Box<dyn Iterator<Item = Result<Record, String>>> = match read_log(f) {
-            Ok(text) => {
-                // Parses one line at a time; only the file's text is held.
-                let (mut pos, mut lineno) = (0, 0);
-                Box::new(std::iter::from_fn(move || {
-                    let rest = text.get(pos..).filter(|r| !r.is_empty())?;
-                    let line = rest.split('\n').next().unwrap_or(rest);
-                    pos += line.len() + 1;
-                    lineno += 1;
-                    Some(serde_json::from_str::<Record>(line).map_err(|e| format!("{}:{lineno}: {e}", f.display())))
-                }))
-            }
+            // Parses one line at a time; only the file's text is held.
+            Ok(text) => Box::new(Cursor::new(text).lines().enumerate().map(move |(i, l)| {
+                let l = l.map_err(|e| format!("{}:{}: {e}", f.display(), i + 1))?;
+                serde_json::from_str::<Record>(&l).map_err(|e| format!("{}:{}: {e}", f.display(), i + 1))
+            })),
             Err(e) => Box::new(std::iter::once(Err(format!("{}: {e}", f.display())))),
         };
         lines

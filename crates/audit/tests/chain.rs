@@ -181,13 +181,7 @@ fn concurrent_appends_get_unique_consecutive_seqs() {
 #[test]
 fn open_fails_when_the_log_cannot_be_opened() {
     let d = tempfile::tempdir().unwrap();
-    let c = AuditConfig {
-        path: d.path().join("missing-dir/audit.jsonl"),
-        max_bytes: 1 << 20,
-        keep: 1,
-        group: None,
-        preallocate: true,
-    };
+    let c = AuditConfig { path: d.path().join("missing-dir/audit.jsonl"), ..cfg(d.path(), 1 << 20, 1) };
     assert!(matches!(AuditLog::open(c), Err(AuditError::Open { .. })));
 }
 
